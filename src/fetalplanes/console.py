@@ -1,0 +1,24 @@
+"""Human-facing messages on stderr, so stdout stays clean for --format json/csv."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def info(msg: str) -> None:
+    err.print(msg)
+
+
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {msg}")
+
+
+def report_failures(failures: list[tuple[int, str]] | list[str], limit: int = 20) -> None:
+    """One line per unreadable file (first `limit`), then a count."""
+    msgs = [f if isinstance(f, str) else f[1] for f in failures]
+    for m in msgs[:limit]:
+        err.print(f"[yellow]skipped:[/yellow] {m}", markup=True)
+    if len(msgs) > limit:
+        err.print(f"[yellow]... and {len(msgs) - limit} more unreadable files[/yellow]")

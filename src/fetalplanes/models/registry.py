@@ -1,0 +1,88 @@
+"""Model registry: every architecture is created by name, like timm's `create_model`.
+
+A `ModelSpec` records what the rest of the package needs to know about a model
+(default input size, normalisation, where pretrained weights come from), so the
+training, inference and export code never special-cases an architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from fetalplanes.errors import CheckpointError
+from fetalplanes.transforms import Preprocess
+
+# build(num_classes, pretrained, weights) -> module taking (N,1,H,W) normalised input
+Builder = Callable[[int, bool, "Path | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What we know about an architecture."""
+
+    name: str
+    builder: Builder
+    preprocess: Preprocess
+    family: str
+    description: str
+    pretrained: str = ""  # where its pretrained weights come from ("" = none)
+    needs_weights: bool = False  # pretrained start requires --weights PATH
+    gradcam_layer: str = ""  # dotted name of the layer Grad-CAM hooks
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add an architecture to the registry (also usable by plug-ins)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[ModelSpec]:
+    _ensure_builtins()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered model, or of any timm architecture (weights via --weights)."""
+    _ensure_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    from fetalplanes.models.timm_models import timm_spec
+
+    spec = timm_spec(name)
+    if spec is None:
+        known = ", ".join(sorted(_REGISTRY))
+        raise CheckpointError(
+            f"unknown model {name!r}; registered: {known} (or any timm architecture name)"
+        )
+    return spec
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """Build a model by name for `num_classes` outputs, optionally from pretrained weights."""
+    spec = get_spec(name)
+    if weights is not None and not Path(weights).is_file():
+        raise CheckpointError(f"{weights}: weight file not found")
+    if pretrained and spec.needs_weights and weights is None:
+        raise CheckpointError(
+            f"model {name} has no pretrained weights on this machine; pass --weights PATH "
+            f"({spec.pretrained or 'see docs'}) or --no-pretrained to train from scratch"
+        )
+    return spec.builder(num_classes, pretrained, Path(weights) if weights else None)
+
+
+def _ensure_builtins() -> None:
+    """Import the built-in architectures once (they register themselves)."""
+    from fetalplanes.models import efficientnet, seed_cnn, sononet_registry  # noqa: F401

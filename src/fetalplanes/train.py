@@ -1,0 +1,555 @@
+"""Training: patient-grouped split -> decode-once arrays -> fine-tune -> calibrate -> run folder.
+
+A run folder (Ultralytics-style) holds `weights.safetensors`, `model.json` (the
+sidecar), `history.csv`, `curves.png` and `train_config.json`. The best epoch by
+validation loss is what is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fetalplanes.cache import default_cache_dir, load_arrays
+from fetalplanes.calibration import calibrated_probs, fit_rejection, fit_temperature
+from fetalplanes.checkpoint import ModelCard, save_checkpoint
+from fetalplanes.console import info, report_failures, warn
+from fetalplanes.data import LabelledData, Split, load_dataset, split_by_patient, split_counts
+from fetalplanes.errors import FetalPlanesError
+from fetalplanes.metrics import classification_metrics
+from fetalplanes.models import create_model, get_spec
+from fetalplanes.plots import training_curves
+from fetalplanes.transforms import BatchAugment, Preprocess, get_augment, normalize
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; saved in the run folder and accepted by --config."""
+
+    model: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float | None = None  # None: the model family's default
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    balance: str = "sampler"  # sampler | loss | none
+    freeze_epochs: int = 0
+    augment: str = "origin"  # none | origin | strong
+    augment_strength: float = 1.0
+    early_stopping: int = 0  # patience in epochs; 0 = off
+    img_size: tuple[int, int] | None = None  # override the model's input size (H, W)
+    crop: bool | None = None  # override the model's ultrasound-crop default
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False
+    cache: bool = True
+    cache_dir: str | None = None
+    workers: int | None = None
+    rejection_recall: float = 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.img_size is not None:
+            d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FetalPlanesError(f"unknown training option(s) {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("img_size") is not None:
+            d["img_size"] = tuple(d["img_size"])
+        return cls(**d)
+
+    def updated(self, **changes: Any) -> TrainConfig:
+        d = self.to_dict()
+        d.update({k: v for k, v in changes.items() if v is not None})
+        return TrainConfig.from_dict(d)
+
+
+DEFAULT_LR = {"seed-cnn": 1e-3, "efficientnet": 1e-3, "sononet": 5e-4, "timm": 1e-3}
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    card: ModelCard
+    history: list[dict[str, Any]]
+    best_epoch: int
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FetalPlanesError("--device cuda asked for, but no CUDA GPU is available")
+    return dev
+
+
+def next_run_dir(base: Path, name: str) -> Path:
+    """runs/train/NAME, NAME-2, NAME-3 ...: never reuses a folder."""
+    for i in range(1, 10_000):
+        p = base / (name if i == 1 else f"{name}-{i}")
+        if not p.exists():
+            return p
+    raise FetalPlanesError(f"{base}: too many runs named {name}")
+
+
+def resolve_run_dir(out: str | Path | None, model: str) -> Path:
+    if out is None:
+        return next_run_dir(Path("runs") / "train", model)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FetalPlanesError(f"{out}: run folder exists and is not empty; choose another --out")
+    return out
+
+
+def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
+    pp = get_spec(cfg.model).preprocess
+    if cfg.img_size is not None:
+        pp = pp.with_(size=tuple(cfg.img_size))
+    if cfg.crop is not None:
+        pp = pp.with_(crop=cfg.crop)
+    return pp
+
+
+# ----------------------------------------------------------------- batches
+
+
+class ArrayData:
+    """uint8 images + labels held in memory (or on the GPU when they fit)."""
+
+    def __init__(self, arrays: np.ndarray, labels: np.ndarray, device: torch.device):
+        on_gpu = device.type == "cuda" and arrays.nbytes < 0.3 * _free_gpu_bytes(device)
+        self.device = device
+        self.x = torch.from_numpy(np.ascontiguousarray(arrays)).unsqueeze(1)
+        self.y = torch.from_numpy(labels.astype(np.int64))
+        if on_gpu:
+            self.x, self.y = self.x.to(device), self.y.to(device)
+        elif device.type == "cuda":
+            self.x = self.x.pin_memory()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        idx = idx.to(self.x.device)
+        x = self.x.index_select(0, idx).to(self.device, non_blocking=True)
+        y = self.y.index_select(0, idx).to(self.device, non_blocking=True)
+        return x, y
+
+
+def _free_gpu_bytes(device: torch.device) -> int:
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    except Exception:  # pragma: no cover - depends on the GPU
+        return 0
+
+
+def epoch_order(labels: np.ndarray, balance: str, gen: torch.Generator) -> Tensor:
+    """Indices for one epoch: a permutation, or class-balanced sampling with replacement."""
+    n = len(labels)
+    if balance != "sampler":
+        return torch.randperm(n, generator=gen)
+    counts = np.bincount(labels)
+    w = torch.from_numpy(1.0 / counts[labels]).double()
+    return torch.multinomial(w, n, replacement=True, generator=gen)
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = counts.sum() / np.maximum(counts, 1) / n_classes
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classifier head (trained while the backbone is frozen)."""
+    head: Any = None
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+    for name in ("classifier", "head", "adaption"):
+        if head is None and isinstance(getattr(model, name, None), nn.Module):
+            head = getattr(model, name)
+    if head is None:
+        return list(model.parameters())
+    return list(head.parameters())
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    head = {id(p) for p in head_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(trainable)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up then cosine decay to 1% of the base rate."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ----------------------------------------------------------------- loops
+
+
+@dataclass
+class Loop:
+    """Everything one epoch needs."""
+
+    model: nn.Module
+    pp: Preprocess
+    device: torch.device
+    amp: bool
+    channels_last: bool
+
+    def inputs(self, x: Tensor) -> Tensor:
+        x = normalize(x, self.pp)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.amp:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(self.inputs(x)).float()
+        return self.model(self.inputs(x))
+
+
+@torch.no_grad()
+def predict_logits(loop: Loop, data: ArrayData, batch_size: int = 128) -> np.ndarray:
+    loop.model.eval()
+    outs = []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        x, _ = data.batch(idx)
+        outs.append(loop.forward(x).float().cpu())
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def train_epoch(
+    loop: Loop,
+    data: ArrayData,
+    order: Tensor,
+    opt: torch.optim.Optimizer,
+    criterion: nn.Module,
+    augment: BatchAugment | None,
+    sched: Callable[[], float],
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> tuple[float, float]:
+    """One pass; returns (mean loss, accuracy) over the epoch's samples."""
+    loop.model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    n_batches = math.ceil(len(order) / batch_size)
+    bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
+    for b in bar:
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        if len(idx) < 2 and seen:  # BatchNorm cannot train on one sample
+            continue
+        x, y = data.batch(idx)
+        if augment is not None:
+            x = augment(x)
+        lr = sched()
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits = loop.forward(x)
+        loss = criterion(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+# ----------------------------------------------------------------- the API
+
+
+def _load_split_arrays(
+    data: LabelledData,
+    patients: tuple[str, ...],
+    pp: Preprocess,
+    cfg: TrainConfig,
+    progress: bool,
+    name: str,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    samples = data.subset(patients)
+    cache_dir = (
+        (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.cache else None
+    )
+    loaded = load_arrays(
+        [s.path for s in samples],
+        pp,
+        cache_dir,
+        cfg.workers,
+        progress,
+        desc=f"preparing {name} images",
+    )
+    if loaded.failures:
+        report_failures(loaded.failures)
+    labels = np.array([data.classes.index(samples[i].label) for i in loaded.ok], dtype=np.int64)
+    return loaded.arrays, labels, [m for _, m in loaded.failures]
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
+    keys = list(history[0]) if history else []
+    with open(run / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def train(
+    data_root: str | Path | None = None,
+    *,
+    labels: str | Path | None = None,
+    preset: str = "seed4",
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    data: LabelledData | None = None,
+    split: Split | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on a labelled data folder and write a run folder.
+
+    Pass `data` (already loaded) or `data_root`; pass `split` to use given patient
+    groups (cross-validation), otherwise a stratified patient split is made.
+    """
+    cfg = config or TrainConfig()
+    if data is None:
+        if data_root is None:
+            raise FetalPlanesError("train needs a data folder")
+        data = load_dataset(data_root, labels, preset)
+    split = split or split_by_patient(data.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    run = resolve_run_dir(out, cfg.model)
+    gen = _seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    spec = get_spec(cfg.model)
+    pp = resolve_preprocess(cfg)
+    _print_plan(data, split, cfg, device, run)
+
+    x_tr, y_tr, fail_tr = _load_split_arrays(data, split.train, pp, cfg, progress, "train")
+    x_va, y_va, fail_va = _load_split_arrays(data, split.val, pp, cfg, progress, "validation")
+    if len(y_tr) == 0:
+        raise FetalPlanesError("no readable training images")
+
+    n_classes = len(data.classes)
+    model = create_model(cfg.model, n_classes, cfg.pretrained, cfg.weights).to(device)
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fwd_model = torch.compile(model) if cfg.compile else model
+    loop = Loop(fwd_model, pp, device, cfg.amp and cuda, cuda and cfg.channels_last)
+    train_data = ArrayData(x_tr, y_tr, device)
+    val_data = ArrayData(x_va, y_va, device)
+
+    lr = cfg.lr or DEFAULT_LR.get(spec.family, 1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    weight = class_weights(y_tr, n_classes).to(device) if cfg.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    steps_per_epoch = math.ceil(len(y_tr) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    step = [0]
+
+    def sched() -> float:
+        value = lr_at(step[0], total, warmup, lr)
+        step[0] += 1
+        return value
+
+    aug_cfg = get_augment(cfg.augment, cfg.augment_strength)
+    augment = BatchAugment(aug_cfg, gen) if aug_cfg is not None else None
+
+    card = ModelCard(
+        architecture=cfg.model,
+        classes=list(data.classes),
+        preprocess=pp,
+        preset=data.preset,
+        split=split.to_dict(),
+        data=_data_record(data, fail_tr + fail_va),
+        training=cfg.to_dict() | {"lr": lr, "device": str(device)},
+    )
+    history: list[dict[str, Any]] = []
+    best = (math.inf, 0)
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        set_backbone_trainable(model, epoch > cfg.freeze_epochs)
+        order = epoch_order(y_tr, cfg.balance, gen)
+        tr_loss, tr_acc = train_epoch(
+            loop,
+            train_data,
+            order,
+            opt,
+            criterion,
+            augment,
+            sched,
+            cfg.batch_size,
+            f"epoch {epoch}/{cfg.epochs}",
+            progress,
+        )
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": round(tr_loss, 5),
+            "train_accuracy": round(tr_acc, 5),
+        }
+        val_loss = tr_loss
+        if len(val_data):
+            logits = predict_logits(loop, val_data)
+            val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)))
+            row |= {
+                "val_loss": round(val_loss, 5),
+                "val_accuracy": round(float((logits.argmax(1) == y_va).mean()), 5),
+            }
+        row |= {
+            "lr": f"{opt.param_groups[0]['lr']:.3g}",
+            "seconds": round(time.perf_counter() - t0, 2),
+            "images_per_s": round(len(order) / (time.perf_counter() - t0), 1),
+        }
+        history.append(row)
+        improved = val_loss < best[0]
+        if improved:
+            best = (val_loss, epoch)
+            save_checkpoint(run, model, card)
+        _print_epoch(row, improved, progress)
+        _write_history(run, history)
+        if cfg.early_stopping and epoch - best[1] >= cfg.early_stopping:
+            info(f"early stopping: no validation improvement for {cfg.early_stopping} epochs")
+            break
+
+    return _finish(
+        run, model, loop, card, history, best[1], val_data, y_va, cfg, time.perf_counter() - started
+    )
+
+
+def _finish(
+    run: Path,
+    model: nn.Module,
+    loop: Loop,
+    card: ModelCard,
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    val_data: ArrayData,
+    y_va: np.ndarray,
+    cfg: TrainConfig,
+    seconds: float,
+) -> TrainResult:
+    """Reload the best epoch, calibrate and fit rejection on validation, write artefacts."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run / "weights.safetensors")))
+    val_metrics: dict[str, Any] = {}
+    if len(val_data):
+        logits = predict_logits(loop, val_data)
+        card.temperature = fit_temperature(logits, y_va)
+        card.rejection = fit_rejection(logits, card.temperature, cfg.rejection_recall)
+        val_metrics = classification_metrics(
+            calibrated_probs(logits, card.temperature), y_va, card.classes
+        )
+    card.metrics = {
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_seconds": round(seconds, 1),
+        "val": {
+            k: val_metrics[k]
+            for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "ece", "n_images")
+            if k in val_metrics
+        },
+    }
+    save_checkpoint(run, model, card)
+    (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    training_curves(history, run / "curves.png")
+    val_acc = val_metrics.get("accuracy")
+    acc = f", validation accuracy {val_acc:.3f}" if val_acc is not None else ""
+    info(f"best epoch {best_epoch}{acc}, temperature {card.temperature:.2f}; run saved to {run}")
+    return TrainResult(run, card, history, best_epoch, val_metrics)
+
+
+def _data_record(data: LabelledData, failures: list[str]) -> dict[str, Any]:
+    return {
+        "root": str(Path(data.root).resolve()),
+        "layout": data.layout,
+        "labels_file": str(Path(data.labels_file).resolve()) if data.labels_file else None,
+        "fingerprint": data.fingerprint(),
+        "n_images": len(data.samples),
+        "n_patients": len(data.patients),
+        "unreadable": failures,
+        "dropped": data.dropped,
+        "unknown": data.unknown,
+    }
+
+
+def _print_plan(
+    data: LabelledData, split: Split, cfg: TrainConfig, device: torch.device, run: Path
+) -> None:
+    counts = split_counts(data, split)
+    info(
+        f"data: {data.root} ({data.layout}), preset {data.preset}, "
+        f"{len(data.samples)} images of {len(data.patients)} patients"
+    )
+    for name in ("train", "val", "test"):
+        per = ", ".join(f"{c}: {n}" for c, n in counts[name].items())
+        info(f"  {name:5s} {len(split.of(name)):4d} patients | {per}")
+    if data.dropped:
+        info(f"  dropped (not in preset {data.preset}): {data.dropped}")
+    if data.unknown:
+        warn(f"unknown labels ignored: {data.unknown}")
+    if data.missing:
+        warn(f"{len(data.missing)} listed images not found (e.g. {data.missing[0]})")
+    info(
+        f"model {cfg.model} ({'pretrained' if cfg.pretrained else 'from scratch'}), "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {device}; run folder {run}"
+    )
+
+
+def _print_epoch(row: dict[str, Any], improved: bool, progress: bool) -> None:
+    if not progress:
+        return
+    val = (
+        f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}"
+        if "val_loss" in row
+        else ""
+    )
+    star = " *" if improved else ""
+    info(
+        f"epoch {row['epoch']:3d}: train loss {row['train_loss']:.4f} acc "
+        f"{row['train_accuracy']:.3f}{val} | {row['images_per_s']:.0f} img/s{star}"
+    )

@@ -1,0 +1,87 @@
+"""Shared fixtures: small synthetic data sets in every layout and one trained run.
+
+Images are generated at reduced size so the whole suite fits a 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before torch loads: spinning OpenMP threads make tiny tensors ~5x slower on a busy 2-core box.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("FETALPLANES_THREADS", min(2, os.cpu_count() or 1))))
+
+SMALL = (180, 266)  # synthetic image size for tests (height, width)
+REPO = Path(__file__).resolve().parents[1]
+#: A quick but real training configuration (pretrained Lite0 at 64 px) for the tests.
+FAST = dict(model="efficientnet_lite0", img_size=(64, 64), epochs=4, batch_size=32, lr=2e-3,
+            seed=0, cache=True, workers=0)
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("FETALPLANES_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Never touch the user's ~/.cache during tests."""
+    monkeypatch.setenv("FETALPLANES_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _make(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
+    from fetalplanes.synth import generate
+
+    out = tmp_path_factory.mktemp(name) / "data"
+    kw.setdefault("size", SMALL)
+    generate(out, progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def seed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seed layout (image_label.csv without extensions + images/), 40 per class."""
+    return _make(tmp_path_factory, "seed", per_class=40, fmt="seed", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fpdb_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fetalplanes.data import PLANES
+
+    return _make(tmp_path_factory, "fpdb", per_class=12, fmt="fpdb", seed=1, planes=PLANES)
+
+
+@pytest.fixture(scope="session")
+def folders_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make(tmp_path_factory, "folders", per_class=10, fmt="folders", seed=2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, seed_data: Path) -> Path:
+    """A small but real training run shared by evaluate/predict/sort/serve tests."""
+    from fetalplanes.train import TrainConfig, train
+
+    cfg = TrainConfig(**FAST)
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(seed_data, config=cfg, out=out, progress=False)
+    return out
+
+
+@pytest.fixture()
+def scans(tmp_path: Path) -> Path:
+    """An unlabelled folder of 8 new synthetic scans (2 per plane)."""
+    import numpy as np
+    from PIL import Image
+
+    from fetalplanes.synth import SEED4, render_phantom
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rng = np.random.default_rng(123)
+    for i, plane in enumerate([p for p in SEED4 for _ in range(2)]):
+        Image.fromarray(render_phantom(plane, rng, size=SMALL)).save(folder / f"scan_{i}.png")
+    return folder
