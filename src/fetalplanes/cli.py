@@ -483,5 +483,15 @@ def demo(
     run_demo(out, per_class=per_class, epochs=epochs, model=model)
 
 
+def _register_command_modules() -> None:
+    """Commands that live beside the feature they expose (one module per concern)."""
+    from fetalplanes import cli_serve, cli_speed, cli_trust
+
+    for module in (cli_serve, cli_speed, cli_trust):
+        module.register(app)
+
+
+_register_command_modules()
+
 if __name__ == "__main__":  # pragma: no cover
     app()
