@@ -464,6 +464,22 @@ def sort_cmd(
     )
 
 
+@app.command()
+@_guard
+def download(
+    name: Annotated[str, typer.Argument(help="What to fetch: sononet16.")],
+    to: Annotated[Path, typer.Option("--to", help="Destination folder.")] = Path("."),
+    url: Annotated[Optional[str], typer.Option(help="Mirror URL (checksum still enforced).")
+                   ] = None,
+) -> None:
+    """Download published weights (needs internet; pinned URL and sha256 checked)."""
+    from fetalplanes.download import ASSETS
+    from fetalplanes.download import download as download_fn
+
+    path = download_fn(name, to, url=url)
+    typer.echo(f"{path} (sha256 verified; license: {ASSETS[name].license})")
+
+
 # ------------------------------------------------------------------ demo
 
 

@@ -347,11 +347,13 @@ def train(
     data: LabelledData | None = None,
     split: Split | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train a model on a labelled data folder and write a run folder.
 
     Pass `data` (already loaded) or `data_root`; pass `split` to use given patient
     groups (cross-validation), otherwise a stratified patient split is made.
+    `on_epoch(epoch, history_row)` runs after each epoch (e.g. to prune a tuning trial).
     """
     cfg = config or TrainConfig()
     if data is None:
@@ -451,6 +453,8 @@ def train(
             save_checkpoint(run, model, card)
         _print_epoch(row, improved, progress)
         _write_history(run, history)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
         if cfg.early_stopping and epoch - best[1] >= cfg.early_stopping:
             info(f"early stopping: no validation improvement for {cfg.early_stopping} epochs")
             break
