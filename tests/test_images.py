@@ -25,7 +25,7 @@ def test_gray_rgb_and_16bit(tmp_path: Path) -> None:
     rgb = np.stack([gray] * 3, axis=-1)
     assert decode_image(_png(rgb)).shape == (10, 20)
     p = tmp_path / "x.tif"
-    Image.fromarray((gray.astype(np.uint16) * 200)).save(p)
+    Image.fromarray(gray.astype(np.uint16) * 200).save(p)
     out = read_image(p)
     assert out.dtype == np.uint8 and out.max() == 255
 

@@ -290,4 +290,4 @@ def test_learnable_but_not_by_mean_intensity(tmp_path: Path) -> None:
     acc_mean = accuracy(lambda x: np.array([x.mean()]))
     assert acc_features >= 0.5, acc_features
     assert acc_mean <= 0.45, acc_mean
-    assert acc_features - acc_mean >= 0.2
+    assert acc_features - acc_mean >= 0.15

@@ -21,7 +21,7 @@ def test_run_folder_contents(trained_run: Path) -> None:
         assert (trained_run / name).is_file(), name
     side = json.loads((trained_run / "model.json").read_text())
     assert side["classes"] == ["Fetal abdomen", "Fetal brain", "Fetal femur", "Fetal thorax"]
-    assert side["preprocess"]["size"] == [64, 64]
+    assert side["preprocess"]["size"] == list(FAST["img_size"])
     assert side["data"]["fingerprint"] and side["data"]["layout"] == "csv"
     split = side["split"]
     assert split["train"] and split["val"] and split["test"]

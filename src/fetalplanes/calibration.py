@@ -2,6 +2,10 @@
 
 Both are fitted on validation patients at the end of training and stored in the
 sidecar, so every inference path (torch, ONNX, server) applies the same numbers.
+
+Rejection thresholds an in-distribution score (higher = more like the trained planes)
+at the value that keeps `recall` (default 95%) of the validation images, so no
+out-of-distribution images are needed to fit it. `docs/trust.md` compares the scores.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
+
+SCORES = ("energy", "msp", "maxlogit")
+DEFAULT_SCORE = "energy"
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -27,35 +34,51 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def calibrated_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of logits / T: the probabilities every output reports."""
     return softmax(logits / temperature, axis=1)
 
 
-SCORES = ("energy", "msp")
-
-
-def ood_score(logits: np.ndarray, temperature: float = 1.0, method: str = "energy") -> np.ndarray:
+def ood_score(
+    logits: np.ndarray, temperature: float = 1.0, method: str = DEFAULT_SCORE
+) -> np.ndarray:
     """In-distribution score: higher means more like the trained planes.
 
-    energy = T * logsumexp(logits / T) (Liu et al. 2020); msp = max calibrated prob.
+    energy = T * logsumexp(logits / T) (negative free energy, Liu et al. 2020);
+    msp = max calibrated probability (Hendrycks & Gimpel 2017); maxlogit = max logit
+    (Hendrycks et al. 2022). Energy and maxlogit keep the logits' magnitude, which
+    softmax throws away, so they separate far-away inputs better than msp.
     """
     if method == "energy":
         return temperature * logsumexp(logits / temperature, axis=1)
     if method == "msp":
         return calibrated_probs(logits, temperature).max(axis=1)
+    if method == "maxlogit":
+        return np.asarray(logits).max(axis=1)
     raise ValueError(f"unknown rejection score {method!r}; choose {', '.join(SCORES)}")
 
 
 def fit_rejection(
-    logits: np.ndarray, temperature: float, recall: float = 0.95, method: str = "energy"
+    logits: np.ndarray,
+    temperature: float,
+    recall: float = 0.95,
+    method: str = DEFAULT_SCORE,
 ) -> dict[str, Any]:
-    """Threshold keeping `recall` of validation (in-distribution) images."""
+    """Threshold keeping `recall` of validation (in-distribution) images.
+
+    `scale` (the validation scores' interquartile range) lets ensembles average scores of
+    members whose logits have different magnitudes.
+    """
     if len(logits) == 0:
         return {}
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"rejection recall must be in (0, 1], got {recall}")
     scores = ood_score(logits, temperature, method)
     threshold = float(np.quantile(scores, 1 - recall))
+    q25, q75 = np.quantile(scores, [0.25, 0.75])
     return {
         "method": method,
         "threshold": threshold,
+        "scale": float(max(q75 - q25, 1e-6)),
         "target_recall": recall,
         "fitted_on": "validation patients",
         "n": len(scores),
@@ -67,3 +90,11 @@ def is_not_target(logits: np.ndarray, temperature: float, rejection: dict[str, A
     if not rejection or "threshold" not in rejection:
         return np.zeros(len(logits), dtype=bool)
     return ood_score(logits, temperature, rejection["method"]) < rejection["threshold"]
+
+
+def rejection_margin(
+    logits: np.ndarray, temperature: float, rejection: dict[str, Any]
+) -> np.ndarray:
+    """(score - threshold) / scale: > 0 accepted, < 0 rejected, comparable across models."""
+    score = ood_score(logits, temperature, rejection["method"])
+    return (score - rejection["threshold"]) / float(rejection.get("scale", 1.0))

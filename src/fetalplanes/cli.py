@@ -121,7 +121,7 @@ def _print_check(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    d, con = report.data, Console()
+    d, con = report.data, Console(soft_wrap=True)
     con.print(
         f"{d.root}: layout {d.layout}, labels {d.labels_file or '(folders)'}, preset {d.preset}"
     )
@@ -407,11 +407,17 @@ def _emit(results: list[Any], fmt: Fmt, classes: list[str]) -> None:
         _table(results, classes)
 
 
+def _short(name: str) -> str:
+    """Column header: 'Fetal brain' -> 'brain' (tables must fit a terminal)."""
+    return name.removeprefix("Fetal ").removeprefix("Maternal ")
+
+
 def _table(results: list[Any], classes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("image", "plane", "confidence", *classes)
+    t = Table("image", "plane", "conf.", *(_short(c) for c in classes))
+    t.columns[0].overflow = "fold"
     for r in results:
         if not r.ok:
             continue
@@ -423,7 +429,7 @@ def _table(results: list[Any], classes: list[str]) -> None:
             f"{r.confidence:.3f}",
             *(f"{r.probs.get(c, 0):.3f}" for c in classes),
         )
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
 
 
 @app.command("sort")
@@ -469,7 +475,7 @@ def sort_cmd(
 def download(
     name: Annotated[str, typer.Argument(help="What to fetch: sononet16.")],
     to: Annotated[Path, typer.Option("--to", help="Destination folder.")] = Path("."),
-    url: Annotated[Optional[str], typer.Option(help="Mirror URL (checksum still enforced).")
+    url: Annotated[str | None, typer.Option(help="Mirror URL (checksum still enforced).")
                    ] = None,
 ) -> None:
     """Download published weights (needs internet; pinned URL and sha256 checked)."""
@@ -489,14 +495,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
         "fetalplanes-demo"
     ),
-    per_class: Annotated[int, typer.Option("--per-class", help="Synthetic images per plane.")] = 80,
+    per_class: Annotated[int, typer.Option("--per-class", help="Synthetic images per plane.")] = 100,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
-    model: Annotated[str, typer.Option(help="Architecture for the demo.")] = "seed-cnn-128",
+    model: Annotated[str, typer.Option(help="Architecture for the demo.")] = "efficientnet_lite0",
+    img_size: Annotated[int, typer.Option("--img-size", help="Input size (small = fast on CPU).")
+                        ] = 128,
 ) -> None:
     """synth -> train -> evaluate -> predict -> sort on SYNTHETIC data, in minutes on a CPU."""
     from fetalplanes.demo import run_demo
 
-    run_demo(out, per_class=per_class, epochs=epochs, model=model)
+    run_demo(out, per_class=per_class, epochs=epochs, model=model, img_size=img_size)
 
 
 def _register_command_modules() -> None:

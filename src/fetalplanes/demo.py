@@ -37,7 +37,13 @@ def write_unlabelled_scans(folder: Path, per_class: int, seed: int) -> list[Path
 
 
 def run_demo(
-    out: Path, per_class: int = 80, epochs: int = 8, model: str = "seed-cnn-128", seed: int = 0
+    out: Path,
+    per_class: int = 100,
+    epochs: int = 8,
+    model: str = "efficientnet_lite0",
+    img_size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, object]:
     """synth -> train -> evaluate -> predict one new image -> sort; returns key results."""
     from fetalplanes.evaluate import evaluate
@@ -53,20 +59,14 @@ def run_demo(
         f"scans; writing to {out}"
     )
     info("1/5 generating a synthetic labelled data set (seed layout: image_label.csv + images/)")
-    generate(out / "data", per_class=per_class, fmt="seed", seed=seed)
+    generate(out / "data", per_class=per_class, fmt="seed", seed=seed, progress=progress)
     info("2/5 training (patient-grouped split: test patients are never seen in training)")
     cfg = TrainConfig(
-        model=model,
-        epochs=epochs,
-        pretrained=False,
-        cache=False,
-        seed=seed,
-        lr=1e-3,
-        label_smoothing=0.05,
+        model=model, epochs=epochs, img_size=(img_size, img_size), seed=seed, lr=1e-3, cache=False
     )
-    result = train(out / "data", config=cfg, out=out / "run")
+    result = train(out / "data", config=cfg, out=out / "run", progress=progress)
     info("3/5 evaluating on the held-out synthetic patients")
-    ev = evaluate(result.run, split="test", out=out / "run" / "eval-test")
+    ev = evaluate(result.run, split="test", out=out / "run" / "eval-test", progress=progress)
     predictor = Predictor.from_run(result.run, min_confidence=0.5)
     scans = write_unlabelled_scans(out / "new-scans", per_class=5, seed=seed + 1000)
     info(f"4/5 classifying one new synthetic image: {scans[0]}")

@@ -86,7 +86,7 @@ def _fetch(url: str, out: object, timeout: float, progress: bool) -> None:
     if not url.startswith(("https://", "http://")):
         raise FetalPlanesError(f"{url}: only http(s) URLs are supported")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - pinned URL
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="downloading",
                       disable=not progress) as bar:

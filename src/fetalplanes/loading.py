@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fetalplanes.errors import ImageError
@@ -91,12 +90,6 @@ def default_workers(n_items: int) -> int:
     return max(1, min(4, (os.cpu_count() or 1)))
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-    import cv2
-
-    cv2.setNumThreads(1)
-
 
 def iter_batches(
     paths: Sequence[Path],
@@ -114,7 +107,6 @@ def iter_batches(
         shuffle=False,
         num_workers=n_workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if n_workers else None,
         prefetch_factor=4 if n_workers else None,
         persistent_workers=False,
     )

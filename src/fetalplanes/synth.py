@@ -8,7 +8,7 @@ plane a signature structure, so that a small CNN can learn them without the task
 being trivial.  Everything here is synthetic and says so: each image carries a
 "SYNTHETIC" mark and every message calls the data synthetic.
 
-Rendering is vectorised numpy plus OpenCV drawing (about 10 ms for 800x540 on
+Rendering is vectorised numpy plus OpenCV drawing (about 15 ms for 800x540 on
 one core) and fully determined by the `numpy.random.Generator` it is given.
 """
 

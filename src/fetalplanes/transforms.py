@@ -22,6 +22,10 @@ from torch import Tensor
 
 from fetalplanes.images import read_image
 
+# OpenCV's own thread pool deadlocks in forked DataLoader workers; parallelism comes from
+# worker processes instead, and per-image ops are too small to gain from threads.
+cv2.setNumThreads(1)
+
 
 @dataclass(frozen=True)
 class Preprocess:

@@ -1,0 +1,337 @@
+"""The FastAPI application: page at `/`, JSON API under `/api/v1`, health at `/healthz`.
+
+`create_app` takes an already loaded `Predictor`, so the model is loaded once per
+process and tests can inject one. Nothing here writes uploads to disk or logs them.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fetalplanes import __version__
+from fetalplanes.inference import Prediction, Predictor
+from fetalplanes.serving.batching import MicroBatcher
+from fetalplanes.serving.explainer import Explainer, ModuleExplainer, one_line
+from fetalplanes.serving.schemas import (
+    Calibration,
+    ErrorResponse,
+    ExplainStatus,
+    FileResult,
+    Health,
+    InferenceStats,
+    Limits,
+    ModelInfo,
+    PredictResponse,
+)
+from fetalplanes.serving.settings import ServeSettings
+from fetalplanes.serving.uploads import FIELD, Upload, UploadRejected, read_uploads
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+log = logging.getLogger("fetalplanes.serve")
+
+DESCRIPTION = """Classify 2D fetal ultrasound images into standard planes.
+
+Upload images as `multipart/form-data` in the field `files` (one or many). Every file
+gets its own result, or an `error` when it is not a readable image. Status codes:
+200 when at least one file was classified; 400 for a malformed request; 413 when a
+file, the request or the number of files is over the server's limits; 415 when the
+request is not multipart or none of its files is a readable image (per-file errors
+are in `results`). Uploads are processed in memory and never stored or logged.
+"""
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FIELD],
+                    "properties": {
+                        FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "Images (PNG, JPEG, BMP, TIFF, WebP or DICOM); "
+                            "the content is sniffed, not the file name.",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Malformed multipart request or no files."},
+    413: {"model": ErrorResponse, "description": "A file or the request is over the limits."},
+    415: {
+        "model": ErrorResponse,
+        "description": "Not multipart, or none of the files is a readable image.",
+    },
+}
+
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf (e.g. an undefined metric) become null instead of a 500."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def model_info(predictor: Predictor, settings: ServeSettings, explainer: Explainer) -> ModelInfo:
+    """The model card as the API shows it (computed once at start-up)."""
+    card = predictor.card
+    return ModelInfo(
+        architecture=card.architecture,
+        classes=predictor.output_classes,
+        model_classes=list(card.classes),
+        preset=card.preset,
+        preprocessing=card.preprocess.to_dict(),
+        calibration=Calibration(temperature=card.temperature),
+        rejection=finite(card.rejection),
+        metrics=finite(card.metrics),
+        created=card.created,
+        fetalplanes_version=card.version or __version__,
+        min_confidence=predictor.min_confidence,
+        explain=ExplainStatus(available=explainer.available, reason=explainer.reason),
+        limits=Limits(
+            max_file_bytes=settings.max_file_bytes,
+            max_request_bytes=settings.max_request_bytes,
+            max_files=settings.max_files,
+        ),
+    )
+
+
+def file_result(pred: Prediction, filename: str) -> FileResult:
+    """API view of one prediction (rounded: six decimals are plenty for probabilities)."""
+    if not pred.ok:
+        return FileResult(filename=filename, error=pred.error)
+    model_conf = pred.extra.get("model_confidence")
+    return FileResult(
+        filename=filename,
+        label=pred.label,
+        confidence=round(pred.confidence, 6),
+        probabilities={k: round(v, 6) for k, v in pred.probs.items()},
+        uncertain=pred.uncertain,
+        not_target=pred.not_target,
+        model_label=pred.extra.get("model_label"),
+        model_confidence=None if model_conf is None else float(model_conf),
+    )
+
+
+def error_json(status: int, detail: str, results: list[FileResult] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"detail": detail}
+    if results is not None:
+        body["results"] = [r.model_dump() for r in results]
+    headers = {"Connection": "close"} if status == 413 else None  # rest of the body is unread
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (no body buffering): no caching of results, strict CSP on the page."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                ]
+                if path.startswith("/api/"):
+                    headers.append((b"cache-control", b"no-store"))
+                if not path.startswith(("/docs", "/redoc")):  # Swagger UI needs its CDN
+                    headers.append((b"content-security-policy", CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class PredictService:
+    """What /api/v1/predict does, apart from HTTP: read, batch, explain."""
+
+    def __init__(self, predictor: Predictor, settings: ServeSettings, explainer: Explainer):
+        self.predictor = predictor
+        self.settings = settings
+        self.explainer = explainer
+        self.batcher: MicroBatcher[tuple[str, bytes], Prediction] = MicroBatcher(
+            predictor.predict_bytes,
+            slots=settings.max_concurrency,
+            max_batch=settings.max_batch,
+            window_s=settings.batch_window_ms / 1000,
+        )
+
+    async def read(self, request: Request) -> list[Upload]:
+        s = self.settings
+        try:
+            return await read_uploads(
+                request.headers.get("content-type", ""),
+                request.headers.get("content-length"),
+                request.stream(),
+                max_file_bytes=s.max_file_bytes,
+                max_request_bytes=s.max_request_bytes,
+                max_files=s.max_files,
+            )
+        except ClientDisconnect:
+            raise UploadRejected(400, "client disconnected during upload") from None
+
+    async def classify(self, uploads: list[Upload], explain: bool) -> list[FileResult]:
+        preds = await self.batcher.submit([(u.filename, u.data) for u in uploads])
+        results = [file_result(p, u.filename) for p, u in zip(preds, uploads, strict=True)]
+        if explain:
+            for result, upload, pred in zip(results, uploads, preds, strict=True):
+                if pred.ok:
+                    await self._explain(result, upload, pred)
+        return results
+
+    def _target(self, pred: Prediction) -> int | None:
+        """Explain the top class of the network (None: let explain pick, for folded models)."""
+        if self.predictor.fold is not None:
+            return None
+        return self.predictor.classes.index(max(pred.probs, key=pred.probs.__getitem__))
+
+    async def _explain(self, result: FileResult, upload: Upload, pred: Prediction) -> None:
+        if not self.explainer.available:
+            result.heatmap_error = self.explainer.reason
+            return
+        try:
+            png = await self.batcher.exclusive(
+                self.explainer.overlay,
+                self.predictor,
+                upload.data,
+                upload.filename,
+                self._target(pred),
+            )
+        except Exception as exc:  # heat maps are optional: report per file, keep the result
+            result.heatmap_error = f"heat map failed: {one_line(exc)}"
+            return
+        result.heatmap = base64.b64encode(png).decode("ascii")
+
+
+def api_router(service: PredictService, info: ModelInfo) -> APIRouter:
+    """The versioned JSON API and the health check."""
+    router = APIRouter()
+
+    @router.post(
+        "/api/v1/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        openapi_extra=UPLOAD_BODY,
+        summary="Classify uploaded images",
+        tags=["predict"],
+    )
+    async def predict(
+        request: Request,
+        explain: bool = Query(False, description="Also return a heat-map overlay per image."),
+    ) -> Any:
+        """Plane, calibrated confidence, all class probabilities and flags, per file."""
+        uploads = await service.read(request)
+        results = await service.classify(uploads, explain)
+        if all(r.error is not None for r in results):
+            n = len(results)
+            what = "the file is not" if n == 1 else f"none of the {n} files is"
+            return error_json(415, f"{what} a readable image", results)
+        return PredictResponse(classes=info.classes, results=results)
+
+    @router.get("/api/v1/model", response_model=ModelInfo, tags=["model"])
+    async def model() -> ModelInfo:
+        """Classes, architecture, preprocessing, metrics, calibration, rejection, limits."""
+        return info
+
+    @router.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """Liveness (the model is loaded and the server answers) and batching counters."""
+        stats = service.batcher.stats
+        return Health(
+            architecture=info.architecture,
+            classes=len(info.classes),
+            inference=InferenceStats(
+                batches=stats.batches,
+                images=stats.items,
+                largest_batch=stats.largest,
+                most_requests_in_a_batch=stats.most_requests,
+            ),
+        )
+
+    return router
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UploadRejected)
+    async def rejected(_: Request, exc: UploadRejected) -> JSONResponse:
+        return error_json(exc.status, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed: %s", one_line(exc))  # never the upload itself
+        return error_json(500, "internal server error; see the server log")
+
+
+def add_page(app: FastAPI) -> None:
+    """The single-page web app: plain files, no build step, nothing from the internet."""
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def create_app(
+    predictor: Predictor,
+    settings: ServeSettings | None = None,
+    explainer: Explainer | None = None,
+) -> FastAPI:
+    """Build the app around a loaded predictor (`explainer` defaults to fetalplanes.explain)."""
+    settings = settings or ServeSettings()
+    explainer = explainer if explainer is not None else ModuleExplainer()
+    service = PredictService(predictor, settings, explainer)
+    info = model_info(predictor, settings, explainer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.batcher.aclose()
+
+    app = FastAPI(
+        title="fetalplanes",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    add_error_handlers(app)
+    app.include_router(api_router(service, info))
+    add_page(app)
+    app.add_middleware(SecurityHeaders)
+    return app
