@@ -161,7 +161,7 @@ def summarise(
         "wall_s": round(wall, 2),
         "requests_per_s": round(args.requests / wall, 1),
         "images_per_s": round(args.requests * args.files / wall, 1),
-        "mean_batch": round(stats["images"] / stats["batches"], 2)
+        "mean_batch": round(stats["files"] / stats["batches"], 2)
         if stats.get("batches")
         else None,
         "largest_batch": stats.get("largest_batch"),

@@ -44,7 +44,7 @@ def test_roundtrip(tmp_path: Path) -> None:
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="model.json"):
+    with pytest.raises(CheckpointError, match=r"model\.json"):
         load_card(tmp_path)
     (tmp_path / "model.json").write_text("{")
     with pytest.raises(CheckpointError, match="not valid JSON"):
@@ -54,7 +54,7 @@ def test_errors(tmp_path: Path) -> None:
 def test_weights_only_refuses_pickled_objects(tmp_path: Path) -> None:
     p = tmp_path / "evil.pth"
     torch.save({"w": torch.zeros(1), "obj": Path("x")}, p)  # a pickled non-tensor object
-    with pytest.raises(CheckpointError, match="evil.pth"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth"):
         load_weights_file(p)
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
     assert torch.equal(load_weights_file(tmp_path / "ok.pth")["w"], torch.ones(2))

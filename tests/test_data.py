@@ -22,7 +22,7 @@ from fetalplanes.errors import LabelFileError
 
 
 def test_seed_layout_names_without_extension(seed_data: Path) -> None:
-    rows = list(csv.DictReader(open(seed_data / "image_label.csv")))
+    rows = list(csv.DictReader((seed_data / "image_label.csv").read_text().splitlines()))
     assert not rows[0]["Image_name"].endswith(".png")
     data = load_dataset(seed_data)
     assert data.layout == "csv"
@@ -34,7 +34,7 @@ def test_seed_layout_names_without_extension(seed_data: Path) -> None:
 
 def test_seed_layout_names_with_extension(seed_data: Path, tmp_path: Path) -> None:
     shutil.copytree(seed_data / "images", tmp_path / "images")
-    rows = list(csv.DictReader(open(seed_data / "image_label.csv")))
+    rows = list(csv.DictReader((seed_data / "image_label.csv").read_text().splitlines()))
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Image_name", "Plane"])
@@ -86,7 +86,7 @@ def test_patient_ids() -> None:
 
 def test_patient_fallback_one_per_image(tmp_path: Path, seed_data: Path) -> None:
     (tmp_path / "images").mkdir()
-    rows = list(csv.DictReader(open(seed_data / "image_label.csv")))[:8]
+    rows = list(csv.DictReader((seed_data / "image_label.csv").read_text().splitlines()))[:8]
     with open(tmp_path / "image_label.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Image_name", "Plane"])
@@ -109,7 +109,7 @@ def test_wrong_columns_named(tmp_path: Path) -> None:
 
 def test_unknown_planes_reported_and_missing_files(tmp_path: Path, seed_data: Path) -> None:
     shutil.copytree(seed_data / "images", tmp_path / "images")
-    rows = list(csv.DictReader(open(seed_data / "image_label.csv")))
+    rows = list(csv.DictReader((seed_data / "image_label.csv").read_text().splitlines()))
     with open(tmp_path / "image_label.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Image_name", "Plane"])

@@ -52,7 +52,7 @@ def test_truncated_and_missing(tmp_path: Path) -> None:
     data = _png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
     p = tmp_path / "trunc.png"
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="trunc.png"):
+    with pytest.raises(ImageError, match=r"trunc\.png"):
         read_image(p)
     with pytest.raises(ImageError, match="file not found"):
         read_image(tmp_path / "missing.png")

@@ -18,12 +18,12 @@ def test_registry_lists_builtins() -> None:
 def test_seed_cnn_is_the_origin_architecture() -> None:
     m = create_model("seed-cnn", 4, pretrained=False)
     assert isinstance(m, SeedCNN)
-    convs = [l for l in m.features if isinstance(l, torch.nn.Conv2d)]
+    convs = [m_ for m_ in m.features if isinstance(m_, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128]
     assert all(c.kernel_size == (3, 3) for c in convs)
-    linears = [l for l in m.classifier if isinstance(l, torch.nn.Linear)]
+    linears = [m_ for m_ in m.classifier if isinstance(m_, torch.nn.Linear)]
     assert linears[0].out_features == 128 and linears[1].out_features == 4
-    assert any(isinstance(l, torch.nn.Dropout) and l.p == 0.5 for l in m.classifier)
+    assert any(isinstance(m_, torch.nn.Dropout) and m_.p == 0.5 for m_ in m.classifier)
     assert get_spec("seed-cnn").preprocess.size == (256, 256)
     assert m(torch.zeros(2, 1, 256, 256)).shape == (2, 4)
 

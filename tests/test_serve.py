@@ -313,7 +313,7 @@ def test_healthz_and_openapi(client: TestClient, scans: Path) -> None:
     client.post(PREDICT, files=upload(*pngs(scans, 3)))
     assert client.get("/healthz").json()["inference"] == {
         "batches": 1,
-        "images": 3,
+        "files": 3,
         "largest_batch": 3,
         "most_requests_in_a_batch": 1,
     }

@@ -24,7 +24,7 @@ def test_sort_copies_to_predicted_folder(trained_run: Path, scans: Path, tmp_pat
     s = sort_images(pred, scans, out, min_confidence=0.0, progress=False)
     assert _snapshot(scans) == before  # inputs byte-identical, not even touched
     assert s.copied == 8
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
     assert len(rows) == 8
     predicted = {Path(r.path).name: r.label for r in pred.predict([scans])}
     for r in rows:
@@ -83,7 +83,7 @@ def test_bad_files_listed(trained_run: Path, scans: Path, tmp_path: Path) -> Non
     (scans / "bad.png").write_bytes(b"garbage")
     s = sort_images(Predictor.from_run(trained_run), scans, tmp_path / "o", progress=False)
     assert s.copied == 8 and len(s.failures) == 1 and "bad.png" in s.failures[0]
-    rows = list(csv.DictReader(open(tmp_path / "o" / "predictions.csv")))
+    rows = list(csv.DictReader((tmp_path / "o" / "predictions.csv").read_text().splitlines()))
     assert any(r["error"] for r in rows)
 
 

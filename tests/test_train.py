@@ -27,7 +27,7 @@ def test_run_folder_contents(trained_run: Path) -> None:
     assert split["train"] and split["val"] and split["test"]
     assert not set(split["train"]) & set(split["test"])
     assert not set(split["val"]) & set(split["test"])
-    rows = list(csv.DictReader(open(trained_run / "history.csv")))
+    rows = list(csv.DictReader((trained_run / "history.csv").read_text().splitlines()))
     assert len(rows) == FAST["epochs"] and "val_loss" in rows[0]
     assert side["metrics"]["best_epoch"] == min(
         range(1, len(rows) + 1), key=lambda e: float(rows[e - 1]["val_loss"]))

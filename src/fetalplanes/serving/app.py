@@ -277,7 +277,7 @@ def api_router(service: PredictService, info: ModelInfo) -> APIRouter:
             classes=len(info.classes),
             inference=InferenceStats(
                 batches=stats.batches,
-                images=stats.items,
+                files=stats.items,
                 largest_batch=stats.largest,
                 most_requests_in_a_batch=stats.most_requests,
             ),

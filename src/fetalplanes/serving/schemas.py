@@ -94,10 +94,10 @@ class ModelInfo(BaseModel):
 
 
 class InferenceStats(BaseModel):
-    """Micro-batching so far: how many model calls, images, and the most merged in one."""
+    """Micro-batching so far: model calls, files they covered, and the most merged in one."""
 
     batches: int
-    images: int
+    files: int
     largest_batch: int
     most_requests_in_a_batch: int
 
