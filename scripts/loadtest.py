@@ -161,9 +161,7 @@ def summarise(
         "wall_s": round(wall, 2),
         "requests_per_s": round(args.requests / wall, 1),
         "images_per_s": round(args.requests * args.files / wall, 1),
-        "mean_batch": round(stats["files"] / stats["batches"], 2)
-        if stats.get("batches")
-        else None,
+        "mean_batch": round(stats["files"] / stats["batches"], 2) if stats.get("batches") else None,
         "largest_batch": stats.get("largest_batch"),
         "cpu_count": os.cpu_count(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),

@@ -166,8 +166,12 @@ class Predictor:
         device: str = "auto",
         tta: bool = False,
         min_confidence: float = 0.0,
+        crop: bool | None = None,
     ) -> Predictor:
-        """Zero-shot predictor from published weights (SonoNet), folded into a preset."""
+        """Zero-shot predictor from published weights (SonoNet), folded into a preset.
+
+        `crop` overrides the model's ultrasound-crop default (to show its effect).
+        """
         from fetalplanes.data import get_preset
         from fetalplanes.models import create_model, get_spec
         from fetalplanes.train import pick_device
@@ -181,13 +185,14 @@ class Predictor:
         from fetalplanes.models.sononet import SONONET_LABELS, fold_probabilities
 
         net = create_model(model, len(SONONET_LABELS), pretrained=True, weights=weights)
-        card = ModelCard(model, list(SONONET_LABELS), spec.preprocess, preset=preset)
+        pp = spec.preprocess if crop is None else spec.preprocess.with_(crop=crop)
+        card = ModelCard(model, list(SONONET_LABELS), pp, preset=preset)
         classes = list(get_preset(preset).classes)
 
         def fold(probs: np.ndarray) -> tuple[np.ndarray, list[str]]:
             return fold_probabilities(probs, classes)
 
-        backend = TorchBackend(net.eval(), spec.preprocess, pick_device(device), tta)
+        backend = TorchBackend(net.eval(), pp, pick_device(device), tta)
         return cls(backend, card, min_confidence, fold=fold)
 
     # ------------------------------------------------------------ core
