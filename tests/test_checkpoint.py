@@ -20,18 +20,18 @@ from fetalplanes.models import create_model, get_spec
 
 
 def _card() -> ModelCard:
-    return ModelCard("seed-cnn-128", ["Fetal femur", "Fetal abdomen"],
-                     get_spec("seed-cnn-128").preprocess, temperature=1.5,
+    return ModelCard("seed-cnn", ["Fetal femur", "Fetal abdomen"],
+                     get_spec("seed-cnn").preprocess.with_(size=(128, 128)), temperature=1.5,
                      split={"train": ["P1"], "val": ["P2"], "test": ["P3"]})
 
 
 def test_roundtrip(tmp_path: Path) -> None:
-    model = create_model("seed-cnn-128", 2, pretrained=False)
+    model = create_model("seed-cnn", 2, pretrained=False, input_size=(128, 128))
     save_checkpoint(tmp_path, model, _card())
     assert (tmp_path / "weights.safetensors").is_file()
     side = json.loads((tmp_path / "model.json").read_text())
     assert side["classes"] == ["Fetal femur", "Fetal abdomen"]
-    assert side["architecture"]["name"] == "seed-cnn-128"
+    assert side["architecture"]["name"] == "seed-cnn"
     assert side["preprocess"]["size"] == [128, 128]
     assert side["calibration"]["temperature"] == 1.5
     loaded, card = load_checkpoint(tmp_path)

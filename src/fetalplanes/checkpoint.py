@@ -173,7 +173,9 @@ def load_checkpoint(run: str | Path) -> tuple[nn.Module, ModelCard]:
 
     run_dir = _run_dir(run)
     card = load_card(run_dir)
-    model = create_model(card.architecture, len(card.classes), pretrained=False)
+    model = create_model(
+        card.architecture, len(card.classes), pretrained=False, input_size=card.preprocess.size
+    )
     wpath = run_dir / WEIGHTS
     if not wpath.is_file():
         raise CheckpointError(

@@ -374,7 +374,9 @@ def train(
         raise FetalPlanesError("no readable training images")
 
     n_classes = len(data.classes)
-    model = create_model(cfg.model, n_classes, cfg.pretrained, cfg.weights).to(device)
+    model = create_model(
+        cfg.model, n_classes, cfg.pretrained, cfg.weights, input_size=pp.size
+    ).to(device)
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

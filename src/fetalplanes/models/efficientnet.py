@@ -65,7 +65,9 @@ def imagenet_efficientnet_lite0() -> nn.Module:
     return model.eval()
 
 
-def build(num_classes: int, pretrained: bool, weights: Path | None) -> nn.Module:
+def build(
+    num_classes: int, pretrained: bool, weights: Path | None, input_size: tuple[int, int]
+) -> nn.Module:
     """One-channel Lite0 with a new head; ImageNet start unless `weights` or not pretrained."""
     import timm
 

@@ -16,8 +16,8 @@ from torch import nn
 from fetalplanes.errors import CheckpointError
 from fetalplanes.transforms import Preprocess
 
-# build(num_classes, pretrained, weights) -> module taking (N,1,H,W) normalised input
-Builder = Callable[[int, bool, "Path | None"], nn.Module]
+# build(num_classes, pretrained, weights, input_size) -> module taking (N,1,H,W) normalised input
+Builder = Callable[[int, bool, "Path | None", tuple[int, int]], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,12 @@ def create_model(
     num_classes: int,
     pretrained: bool = True,
     weights: str | Path | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> nn.Module:
-    """Build a model by name for `num_classes` outputs, optionally from pretrained weights."""
+    """Build a model by name for `num_classes` outputs, optionally from pretrained weights.
+
+    `input_size` (H, W) matters only to architectures without global pooling (seed-cnn).
+    """
     spec = get_spec(name)
     if weights is not None and not Path(weights).is_file():
         raise CheckpointError(f"{weights}: weight file not found")
@@ -80,7 +84,8 @@ def create_model(
             f"model {name} has no pretrained weights on this machine; pass --weights PATH "
             f"({spec.pretrained or 'see docs'}) or --no-pretrained to train from scratch"
         )
-    return spec.builder(num_classes, pretrained, Path(weights) if weights else None)
+    size = tuple(input_size) if input_size else spec.preprocess.size
+    return spec.builder(num_classes, pretrained, Path(weights) if weights else None, size)
 
 
 def _ensure_builtins() -> None:

@@ -43,35 +43,25 @@ class SeedCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _size_builder(size: tuple[int, int]):
-    def build(num_classes: int, pretrained: bool, weights: Path | None) -> nn.Module:
-        model = SeedCNN(num_classes, input_size=size)
-        if weights is not None:
-            from fetalplanes.checkpoint import load_weights_file
+def build(
+    num_classes: int, pretrained: bool, weights: Path | None, input_size: tuple[int, int]
+) -> nn.Module:
+    """From scratch (no pretrained weights exist), or from our own weight file."""
+    model = SeedCNN(num_classes, input_size=input_size)
+    if weights is not None:
+        from fetalplanes.checkpoint import load_weights_file
 
-            model.load_state_dict(load_weights_file(weights))
-        return model
-
-    return build
+        model.load_state_dict(load_weights_file(weights))
+    return model
 
 
 register_model(
     ModelSpec(
         name="seed-cnn",
-        builder=_size_builder((256, 256)),
+        builder=build,
         preprocess=Preprocess(size=(256, 256), crop=False, normalize="fixed", mean=0.0, std=1.0),
         family="seed-cnn",
         description="the origin notebook's 3-conv CNN at 256x256, from scratch (16.7M params)",
-        gradcam_layer="features.6",
-    )
-)
-register_model(
-    ModelSpec(
-        name="seed-cnn-128",
-        builder=_size_builder((128, 128)),
-        preprocess=Preprocess(size=(128, 128), crop=False, normalize="fixed", mean=0.0, std=1.0),
-        family="seed-cnn",
-        description="the origin's CNN at 128x128: 4x cheaper, for CPU demos and tests",
         gradcam_layer="features.6",
     )
 )

@@ -13,7 +13,9 @@ SONONET_URLS = "github.com/rdroste/SonoNet_PyTorch (.pth) or baumgach/SonoNet-we
 
 
 def _builder(features: int):
-    def build(num_classes: int, pretrained: bool, weights: Path | None) -> nn.Module:
+    def build(
+        num_classes: int, pretrained: bool, weights: Path | None, input_size: tuple[int, int]
+    ) -> nn.Module:
         from fetalplanes.models.sononet import SonoNet, load_sononet_weights
 
         if weights is None:

@@ -96,7 +96,7 @@ def timm_spec(name: str) -> ModelSpec | None:
     size = tuple(cfg.input_size[1:]) if cfg is not None and cfg.input_size else (224, 224)
     return ModelSpec(
         name=name,
-        builder=lambda n, pretrained, weights: build_timm(name, n, pretrained, weights),
+        builder=lambda n, pretrained, weights, size: build_timm(name, n, pretrained, weights),
         preprocess=Preprocess(size=size, crop=True, mean=GRAY_MEAN, std=GRAY_STD),
         family="timm",
         description=f"timm {name} (weights from --weights PATH)",

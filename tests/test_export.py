@@ -1,0 +1,167 @@
+"""ONNX export and the ONNX Runtime backend: same answers as torch, re-exported when stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from conftest import shared_dir  # noqa: E402
+
+from fetalplanes.checkpoint import ModelCard, save_checkpoint  # noqa: E402
+from fetalplanes.errors import FetalPlanesError  # noqa: E402
+from fetalplanes.export import OnnxBackend, export_onnx, load_onnx_card  # noqa: E402
+from fetalplanes.inference import Predictor  # noqa: E402
+from fetalplanes.models import create_model, get_spec  # noqa: E402
+from fetalplanes.synth import SEED4, render_phantom  # noqa: E402
+
+TOL = 1e-4  # max absolute probability difference between the backends
+
+
+def _tiny_run(folder: Path, arch: str, weights: Path | None = None, **pp_changes) -> Path:
+    """A run folder with a seeded random (or given) model; temperature != 1 on purpose."""
+    torch.manual_seed(0)
+    net = create_model(arch, len(SEED4), pretrained=weights is not None, weights=weights)
+    pp = get_spec(arch).preprocess.with_(**pp_changes)
+    save_checkpoint(folder, net, ModelCard(arch, list(SEED4), pp, temperature=1.7))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_run(tmp_path_factory.mktemp("seed") / "run", "seed-cnn-128")
+
+
+@pytest.fixture(scope="module")
+def sononet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SonoNet-16 (published weights when shared/ has them) at a reduced input size."""
+    weights = shared_dir() / "sononet" / "SonoNet16.pth"
+    folder = tmp_path_factory.mktemp("sono") / "run"
+    return _tiny_run(folder, "sononet16", weights if weights.is_file() else None, size=(112, 144))
+
+
+def _phantoms(n: int = 6) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [render_phantom(SEED4[i % 4], rng, size=(180, 266)) for i in range(n)]
+
+
+def _max_prob_diff(a: list, b: list) -> float:
+    assert [r.path for r in a] == [r.path for r in b]
+    return max(
+        abs(ra.probs[c] - rb.probs[c]) for ra, rb in zip(a, b, strict=True) for c in ra.probs
+    )
+
+
+def test_export_file_opset_and_dynamic_batch(seed_run: Path) -> None:
+    path = export_onnx(seed_run)
+    assert path == seed_run / "model.onnx" and path.is_file()
+    model = onnx.load(str(path))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    backend = OnnxBackend(path)
+    for n in (1, 5):
+        pixels = np.random.default_rng(n).integers(0, 256, (n, 128, 128), dtype=np.uint8)
+        assert backend.logits(pixels).shape == (n, 4)
+    backend.max_batch = 2  # chunked batches give the same logits
+    assert np.allclose(backend.logits(pixels), OnnxBackend(path).logits(pixels), atol=1e-5)
+
+
+def test_export_to_another_file_and_old_opset(seed_run: Path, tmp_path: Path) -> None:
+    out = export_onnx(seed_run, tmp_path / "sub" / "seed.onnx", opset=18)
+    assert out.is_file() and not list(out.parent.glob(".*tmp"))
+    with pytest.raises(FetalPlanesError, match="opset 11"):
+        export_onnx(seed_run, tmp_path / "x.onnx", opset=11)
+    with pytest.raises(FetalPlanesError, match="not found"):
+        export_onnx(tmp_path / "no-such-run")
+
+
+@pytest.mark.parametrize("run_name", ["seed_run", "trained_run", "sononet_run"])
+def test_parity_on_synthetic_images(run_name: str, request: pytest.FixtureRequest) -> None:
+    run = request.getfixturevalue(run_name)
+    images = _phantoms()
+    a = Predictor.from_run(run, backend="torch", device="cpu").predict_arrays(images)
+    b = Predictor.from_run(run, backend="onnx").predict_arrays(images)
+    assert _max_prob_diff(a, b) < TOL
+    assert [r.label for r in a] == [r.label for r in b]
+
+
+@pytest.mark.parametrize("run_name", ["seed_run", "trained_run", "sononet_run"])
+def test_parity_on_real_images(run_name: str, request: pytest.FixtureRequest) -> None:
+    folder = shared_dir() / "hc18-sample"
+    if not folder.is_dir():
+        pytest.skip(f"real images not available ({folder} missing; set FETALPLANES_SHARED)")
+    files = sorted(folder.glob("*.png"))[:6]
+    run = request.getfixturevalue(run_name)
+    a = list(Predictor.from_run(run, device="cpu").predict_paths(files, workers=0))
+    b = list(Predictor.from_run(run, backend="onnx").predict_paths(files, workers=0))
+    assert all(r.ok for r in a + b)
+    assert _max_prob_diff(a, b) < TOL
+
+
+def test_tta_parity(seed_run: Path) -> None:
+    images = _phantoms(3)
+    a = Predictor.from_run(seed_run, device="cpu", tta=True).predict_arrays(images)
+    b = Predictor.from_run(seed_run, backend="onnx", tta=True).predict_arrays(images)
+    plain = Predictor.from_run(seed_run, backend="onnx").predict_arrays(images)
+    assert _max_prob_diff(a, b) < TOL
+    assert _max_prob_diff(b, plain) > TOL  # TTA really changed something
+
+
+def test_onnx_predictor_labels_equal_torch(trained_run: Path, scans: Path) -> None:
+    a = Predictor.from_run(trained_run, device="cpu").predict([scans])
+    b = Predictor.from_run(trained_run, backend="onnx").predict([scans])
+    assert len(a) == 8 and [r.label for r in a] == [r.label for r in b]
+    assert [r.not_target for r in a] == [r.not_target for r in b]
+
+
+def test_missing_or_stale_onnx_is_reexported(seed_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(seed_run, run)
+    onnx_file = run / "model.onnx"
+    onnx_file.unlink(missing_ok=True)
+    card = load_onnx_card(run)  # missing -> exported
+    assert card.classes == list(SEED4) and onnx_file.is_file()
+
+    first = onnx_file.stat().st_mtime_ns
+    load_onnx_card(run)  # current -> left alone
+    assert onnx_file.stat().st_mtime_ns == first
+
+    weights = run / "weights.safetensors"
+    older = weights.stat().st_mtime - 10
+    os.utime(onnx_file, (older, older))  # graph older than the weights -> re-exported
+    OnnxBackend.from_run(run)
+    assert onnx_file.stat().st_mtime_ns >= weights.stat().st_mtime_ns
+
+    side = json.loads((run / "model.json").read_text())
+    side["preprocess"]["mean"] = 0.5  # normalisation is inside the graph: must follow
+    (run / "model.json").write_text(json.dumps(side))
+    before = Predictor.from_run(run, device="cpu").predict_arrays(_phantoms(2))
+    after = Predictor.from_run(run, backend="onnx").predict_arrays(_phantoms(2))
+    assert _max_prob_diff(before, after) < TOL
+
+    onnx_file.write_bytes(b"not a graph")  # garbage newer than the weights -> re-exported
+    assert OnnxBackend.from_run(run).logits(np.zeros((1, 128, 128), np.uint8)).shape == (1, 4)
+
+
+def test_export_cli(seed_run: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from fetalplanes import cli_speed
+
+    app = typer.Typer()
+    cli_speed.register(app)
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(app, ["export", str(seed_run), "--out", str(out), "--opset", "17"])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and "opset 17" in res.output
+    bad = CliRunner().invoke(app, ["export", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "run folder not found" in bad.output
