@@ -90,7 +90,7 @@ def test_cache_command_reports_hits(app: typer.Typer, folders_data: Path, tmp_pa
     bad_dir = next(p for p in sorted(data.iterdir()) if p.is_dir())
     (bad_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     n = sum(1 for p in data.rglob("*.png"))
-    args = ["cache", str(data), "--model", "seed-cnn-128", "--img-size", "32"]
+    args = ["cache", str(data), "--model", "seed-cnn", "--img-size", "32"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--quiet"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output

@@ -29,15 +29,17 @@ TOL = 1e-4  # max absolute probability difference between the backends
 def _tiny_run(folder: Path, arch: str, weights: Path | None = None, **pp_changes) -> Path:
     """A run folder with a seeded random (or given) model; temperature != 1 on purpose."""
     torch.manual_seed(0)
-    net = create_model(arch, len(SEED4), pretrained=weights is not None, weights=weights)
     pp = get_spec(arch).preprocess.with_(**pp_changes)
+    net = create_model(
+        arch, len(SEED4), pretrained=weights is not None, weights=weights, input_size=pp.size
+    )
     save_checkpoint(folder, net, ModelCard(arch, list(SEED4), pp, temperature=1.7))
     return folder
 
 
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_run(tmp_path_factory.mktemp("seed") / "run", "seed-cnn-128")
+    return _tiny_run(tmp_path_factory.mktemp("seed") / "run", "seed-cnn", size=(96, 96))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_export_file_opset_and_dynamic_batch(seed_run: Path) -> None:
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     backend = OnnxBackend(path)
     for n in (1, 5):
-        pixels = np.random.default_rng(n).integers(0, 256, (n, 128, 128), dtype=np.uint8)
+        pixels = np.random.default_rng(n).integers(0, 256, (n, 96, 96), dtype=np.uint8)
         assert backend.logits(pixels).shape == (n, 4)
     backend.max_batch = 2  # chunked batches give the same logits
     assert np.allclose(backend.logits(pixels), OnnxBackend(path).logits(pixels), atol=1e-5)
@@ -148,7 +150,7 @@ def test_missing_or_stale_onnx_is_reexported(seed_run: Path, tmp_path: Path) -> 
     assert _max_prob_diff(before, after) < TOL
 
     onnx_file.write_bytes(b"not a graph")  # garbage newer than the weights -> re-exported
-    assert OnnxBackend.from_run(run).logits(np.zeros((1, 128, 128), np.uint8)).shape == (1, 4)
+    assert OnnxBackend.from_run(run).logits(np.zeros((1, 96, 96), np.uint8)).shape == (1, 4)
 
 
 def test_export_cli(seed_run: Path, tmp_path: Path) -> None:

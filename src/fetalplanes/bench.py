@@ -328,7 +328,7 @@ def make_run(folder: Path, model: str, img_size: int | None) -> Path:
     spec = get_spec(model)
     pp = spec.preprocess if img_size is None else spec.preprocess.with_(size=(img_size, img_size))
     torch.manual_seed(0)
-    net = create_model(model, len(SEED4), pretrained=False)
+    net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size)
     save_checkpoint(folder, net, ModelCard(model, list(SEED4), pp))
     return folder
 
@@ -391,7 +391,7 @@ def make_trainer(
     from fetalplanes.transforms import BatchAugment, get_augment
 
     torch.manual_seed(0)
-    net = create_model(model, len(SEED4), pretrained=False).to(device)
+    net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size).to(device)
     cuda = device.type == "cuda"
     if cuda:
         net = net.to(memory_format=torch.channels_last)

@@ -5,6 +5,11 @@ inside a `Predictor` (`backend.net`, an `InferenceModel` that folds normalisatio
 the CAM is taken with respect to the same uint8 pixels the predictor classifies).
 Heatmaps live in the *prepared* input frame (after the ultrasound crop and resize), which
 is what the network sees; `overlay_png` draws them on that prepared image.
+
+The hooked layer is the model spec's `gradcam_layer` (seed-cnn `features.6`, the last
+conv; EfficientNet `conv_head`, the last conv, which by linearity gives the same map as
+the last block's output; SonoNet `features.4`, the last conv block, conv5_3 + ReLU).
+Specs without one use the last module that outputs spatial maps.
 """
 
 from __future__ import annotations
@@ -21,17 +26,6 @@ from torch import nn
 
 from fetalplanes.errors import FetalPlanesError
 
-#: Layer each model family is explained at, when it differs from `ModelSpec.gradcam_layer`.
-#: Grad-CAM wants the last *rectified* spatial feature maps (Selvaraju et al. 2017).  The
-#: specs name the last conv of seed-cnn (`features.6`, before its ReLU) and the 1x1 head
-#: conv of EfficientNet (`conv_head`, before BatchNorm + ReLU6); their post-activation
-#: outputs are `features.7` and `bn2`.  SonoNet's `features.4` ends in a ReLU already.
-LAYER_FIXES: dict[str, dict[str, str]] = {
-    "seed-cnn": {"features.6": "features.7"},
-    "efficientnet": {"conv_head": "bn2"},
-}
-
-
 def _require_gradcam() -> Any:
     try:
         from pytorch_grad_cam import GradCAM
@@ -46,9 +40,7 @@ def layer_name(architecture: str) -> str:
     """Dotted name (inside the bare model) of the layer Grad-CAM hooks for `architecture`."""
     from fetalplanes.models import get_spec
 
-    spec = get_spec(architecture)
-    name = spec.gradcam_layer
-    return LAYER_FIXES.get(spec.family, {}).get(name, name)
+    return get_spec(architecture).gradcam_layer
 
 
 def last_spatial_layer(model: nn.Module, size: tuple[int, int]) -> str:

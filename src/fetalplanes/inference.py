@@ -250,6 +250,10 @@ class Predictor:
         ]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
 
+    def predict_prepared(self, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
+        """Predict already-prepared (N,H,W) uint8 images (lets callers batch only the net)."""
+        return self._results(list(names), self.logits_arrays(pixels))
+
     def predict_arrays(
         self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
     ) -> list[Prediction]:

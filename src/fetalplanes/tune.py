@@ -71,8 +71,8 @@ def suggest(trial: Any, space: SearchSpace, base: TrainConfig) -> dict[str, Any]
 
 
 class SizeCheck:
-    """Does a model accept the base config's --img-size? (seed-cnn's dense layer is sized
-    for its registered input, so it trains at that size instead of failing mid-study.)"""
+    """Does a model accept the base config's --img-size? A model that cannot (e.g. too
+    small for its downsampling) trains at its own size instead of failing mid-study."""
 
     def __init__(self, size: tuple[int, int] | None):
         self.size = size
@@ -93,11 +93,11 @@ def _forward_ok(model: str, size: tuple[int, int]) -> bool:
 
     from fetalplanes.models import create_model
 
-    net = create_model(model, 2, pretrained=False).eval()
+    net = create_model(model, 2, pretrained=False, input_size=size).eval()
     try:
         with torch.no_grad():
             net(torch.zeros(1, 1, *size))
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         return False
     return True
 
