@@ -457,16 +457,14 @@ class Bench:
         self.pp = load_card(self.run_dir).preprocess
         dev = self.device.type
         self.predictors["torch"] = Predictor.from_run(self.run_dir, backend="torch", device=dev)
+        t0 = time.perf_counter()
         try:
-            t = _timed(
-                lambda: self.predictors.update(
-                    onnx=Predictor.from_run(self.run_dir, backend="onnx")
-                )
-            )
+            self.predictors["onnx"] = Predictor.from_run(self.run_dir, backend="onnx")
         except FetalPlanesError as exc:
             if "onnxruntime" not in str(exc):
                 raise
             return  # no onnxruntime installed: torch rows only
+        t = time.perf_counter() - t0
         self.add("onnx_export_s", "ONNX export + session", "onnx/cpu", "-", t, "s")
 
     # ---------------------------------------------------------------- inference
@@ -504,7 +502,7 @@ class Bench:
             batch,
             n / dt,
             "img/s",
-            f"{n} images; this process {mem.peak_mb:.0f} MB",
+            f"{n} images; peak {mem.peak_mb:.0f} MB (all processes)",
         )
 
     def latency(self, name: str) -> None:
@@ -550,7 +548,7 @@ class Bench:
 
         plan, workers = self.plan, self.opts.workers
         n = plan.train_batch * plan.train_steps
-        files = (self.paths * (n // len(self.paths) + 1))[:n]
+        files = self.paths[:n]  # training from the cache samples these with replacement
         cache = self.tmp / "cache"
         fill = _timed(lambda: load_arrays(files, self.pp, cache, workers, progress=False))
         t0 = time.perf_counter()
@@ -561,16 +559,16 @@ class Bench:
             "cache fill (decode, crop, resize)",
             "-",
             "-",
-            n / fill,
+            len(files) / fill,
             "img/s",
-            f"{len(set(files))} files",
+            f"{len(files)} files",
         )
         self.add(
             "cache_hit_img_s",
             "cache read (hash + memmap)",
             "-",
             "-",
-            n / hit,
+            len(files) / hit,
             "img/s",
             f"{loaded.hits} hits",
         )
@@ -578,7 +576,7 @@ class Bench:
             self.opts.model, self.pp, self.device, plan.train_batch, self.opts.compile
         )
         self._train_cached(trainer, loaded.arrays)
-        self._train_png(trainer, files)
+        self._train_png(trainer, (self.paths * (n // len(self.paths) + 1))[:n])
 
     def _train_cached(self, trainer: Trainer, arrays: np.ndarray) -> None:
         from fetalplanes.train import ArrayData
@@ -622,10 +620,11 @@ class Bench:
 
     # ---------------------------------------------------------------- sort, memory
     def sort(self) -> None:
-        """`fetalplanes sort --backend onnx` in a fresh process: its speed and peak memory.
+        """`fetalplanes sort --backend onnx`: its speed and peak memory, all processes.
 
-        A separate process makes the memory figure that of a real sort, not of this
-        benchmark's own models and buffers.
+        The full run sorts in a fresh process, so the memory figure is that of a real
+        sort, not of this benchmark's own models; `--quick` sorts in this process to
+        save the start-up (importing torch alone takes seconds on a busy machine).
         """
         if "onnx" not in self.predictors:
             return
@@ -634,28 +633,19 @@ class Bench:
         if n != len(self.paths):
             inp = self.tmp / "sort-in"
             write_scans(inp, n, self.plan.unique, self.progress)
-        cmd = [
-            sys.executable,
-            "-m",
-            "fetalplanes.cli",
-            "sort",
-            str(self.run_dir),
-            str(inp),
-            str(self.tmp / "sorted"),
-            "--backend",
-            "onnx",
-            "--quiet",
-        ]
+        out = self.tmp / "sorted"
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with MemorySampler(proc.pid, interval=0.2) as mem:
-            _, err = proc.communicate()
+        if self.opts.quick:
+            with MemorySampler() as mem:
+                self._sort_here(inp, out)
+            where = "this process"
+        else:
+            mem = self._sort_subprocess(inp, out)
+            where = "new process"
         dt = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise FetalPlanesError(f"bench: sort failed ({(err.strip().splitlines() or [''])[-1]})")
         self.add(
             "sort_img_s",
-            "sort CLI (new process, copies files)",
+            f"sort ({where}, copies files)",
             "onnx/cpu",
             64,
             n / dt,
@@ -664,13 +654,39 @@ class Bench:
         )
         self.add(
             "sort_peak_mb",
-            "sort CLI peak memory, all processes (PSS)",
+            f"sort peak memory, all processes (PSS, {where})",
             "onnx/cpu",
             64,
             mem.peak_mb,
             "MB",
             f"RSS sum {mem.peak_rss_mb:.0f} MB",
         )
+
+    def _sort_here(self, inp: Path, out: Path) -> None:
+        from fetalplanes.sorting import sort_images
+
+        sort_images(self.predictors["onnx"], inp, out, workers=self.opts.workers, progress=False)
+
+    def _sort_subprocess(self, inp: Path, out: Path) -> MemorySampler:
+        cmd = [
+            sys.executable,
+            "-m",
+            "fetalplanes.cli",
+            "sort",
+            str(self.run_dir),
+            str(inp),
+            str(out),
+            "--backend",
+            "onnx",
+            "--quiet",
+        ]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with MemorySampler(proc.pid, interval=0.2) as mem:
+            _, err = proc.communicate()
+        if proc.returncode != 0:
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            raise FetalPlanesError(f"bench: sort failed ({last})")
+        return mem
 
     # ---------------------------------------------------------------- all
     def steps(self) -> list[tuple[str, Callable[[], None]]]:

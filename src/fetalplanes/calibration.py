@@ -20,14 +20,22 @@ SCORES = ("energy", "msp", "maxlogit")
 DEFAULT_SCORE = "energy"
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """Temperature T > 0 minimising validation NLL of softmax(logits / T)."""
+def fit_temperature(logits: np.ndarray, y: np.ndarray, prior_sd: float = 1.0) -> float:
+    """Temperature T > 0 minimising validation NLL of softmax(logits / T).
+
+    A weak Gaussian prior on log T (sd `prior_sd`, weight 1/n) keeps T finite when the
+    validation images are all classified with a margin: NLL then falls monotonically as
+    T -> 0 and the plain fit runs into its bound (T ~ 0.05, absurd over-confidence).
+    It moves a well-determined T by ~3% with 50 validation images, ~1% with 200.
+    """
     if len(y) == 0:
         return 1.0
+    logits = np.asarray(logits, dtype=np.float64)
+    weight = 1.0 / (2.0 * prior_sd**2 * len(y))
 
     def loss(log_t: float) -> float:
         lp = log_softmax(logits / np.exp(log_t), axis=1)
-        return float(-lp[np.arange(len(y)), y].mean())
+        return float(-lp[np.arange(len(y)), y].mean() + weight * log_t**2)
 
     res = minimize_scalar(loss, bounds=(-3.0, 3.0), method="bounded")
     return float(np.exp(res.x))

@@ -403,7 +403,7 @@ def _emit(results: list[Any], fmt: Fmt, classes: list[str]) -> None:
                     r.error or "",
                 ]
             )
-    else:
+    elif any(r.ok for r in results):
         _table(results, classes)
 
 

@@ -541,9 +541,19 @@ def _print_plan(
     if data.missing:
         warn(f"{len(data.missing)} listed images not found (e.g. {data.missing[0]})")
     info(
-        f"model {cfg.model} ({'pretrained' if cfg.pretrained else 'from scratch'}), "
+        f"model {cfg.model} ({_start_of(cfg)}), "
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {device}; run folder {run}"
     )
+
+
+def _start_of(cfg: TrainConfig) -> str:
+    """How the weights start, in words, for the plan printed before training."""
+    if cfg.weights:
+        return f"from {cfg.weights}"
+    spec = get_spec(cfg.model)
+    if cfg.pretrained and spec.pretrained and not spec.needs_weights:
+        return f"pretrained: {spec.pretrained}"
+    return "from scratch"
 
 
 def _print_epoch(row: dict[str, Any], improved: bool, progress: bool) -> None:
