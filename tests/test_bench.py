@@ -39,6 +39,7 @@ EXPECTED_ONNX = [
     "latency_onnx_p95_ms",
     "sort_img_s",
     "sort_peak_mb",
+    "sort_main_rss_mb",
 ]
 
 

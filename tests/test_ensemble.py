@@ -18,8 +18,16 @@ from fetalplanes.inference import Predictor
 from fetalplanes.train import TrainConfig
 
 SMALL = (180, 266)
-CV = dict(model="efficientnet_lite0", img_size=(64, 64), epochs=8, batch_size=16, lr=2e-3,
-          seed=0, cache=True, workers=0)
+CV = dict(
+    model="efficientnet_lite0",
+    img_size=(64, 64),
+    epochs=8,
+    batch_size=16,
+    lr=2e-3,
+    seed=0,
+    cache=True,
+    workers=0,
+)
 
 
 def _synth(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
@@ -86,9 +94,11 @@ def test_ensemble_beats_its_members_on_new_patients(
         members[run.name] = m
     e = evaluate(cv_out, heldout, out=tmp_path / "ensemble", predictor=ens, progress=False).metrics
     accs = {k: round(m["accuracy"], 4) for k, m in members.items()}
-    print(f"held-out accuracy: members {accs}, ensemble {e['accuracy']:.4f}; "
-          f"ECE members {[round(m['ece'], 4) for m in members.values()]}, "
-          f"ensemble {e['ece']:.4f}")
+    print(
+        f"held-out accuracy: members {accs}, ensemble {e['accuracy']:.4f}; "
+        f"ECE members {[round(m['ece'], 4) for m in members.values()]}, "
+        f"ensemble {e['ece']:.4f}"
+    )
     assert e["accuracy"] >= max(m["accuracy"] for m in members.values())
     assert 0.0 <= e["ece"] <= 1.0 and (tmp_path / "ensemble" / "reliability.png").is_file()
 

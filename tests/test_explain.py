@@ -23,7 +23,9 @@ EXAMPLES = SHARED / "sononet" / "example_images"
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"shared/ data not found at {path}: set FETALPLANES_SHARED to the shared folder")
+        pytest.skip(
+            f"shared/ data not found at {path}: set FETALPLANES_SHARED to the shared folder"
+        )
     return path
 
 
@@ -87,8 +89,16 @@ def seed_cnn_run(tmp_path_factory: pytest.TempPathFactory, folders_data: Path) -
     """The origin's CNN at 64 px, two epochs: enough for a non-trivial map."""
     from fetalplanes.train import TrainConfig, train
 
-    cfg = TrainConfig(model="seed-cnn", img_size=(64, 64), epochs=2, lr=1e-3, workers=0,
-                      cache=True, val_fraction=0.2, test_fraction=0.1)
+    cfg = TrainConfig(
+        model="seed-cnn",
+        img_size=(64, 64),
+        epochs=2,
+        lr=1e-3,
+        workers=0,
+        cache=True,
+        val_fraction=0.2,
+        test_fraction=0.1,
+    )
     out = tmp_path_factory.mktemp("seedcnn") / "run"
     train(folders_data, config=cfg, out=out, progress=False)
     return out
@@ -101,7 +111,7 @@ def test_heatmap_for_trained_runs(which: str, request: pytest.FixtureRequest, sc
         gray = np.asarray(Image.open(f))
         heat = heatmap(predictor, gray)
         assert heat.shape == tuple(predictor.pp.size) and heat.dtype == np.float32
-        assert 0.0 <= heat.min() and heat.max() <= 1.0
+        assert heat.min() >= 0.0 and heat.max() <= 1.0
         assert heat.max() - heat.min() > 0.1, f"constant map for {f.name}"
     other = heatmap(predictor, gray, target=0)
     assert other.shape == heat.shape
@@ -114,7 +124,8 @@ def test_explain_file_and_cli(trained_run: Path, scans: Path, tmp_path: Path) ->
 
     image = sorted(scans.iterdir())[0]
     out = explain_file(trained_run, image, tmp_path / "a.png", target="Fetal brain")
-    assert Image.open(out).size == (64, 64)
+    h, w = Predictor.from_run(trained_run).pp.size
+    assert Image.open(out).size == (w, h)
     res = CliRunner().invoke(
         app, ["explain", str(trained_run), str(image), "--out", str(tmp_path / "b.png")]
     )
@@ -132,8 +143,16 @@ def test_explain_cli_zero_shot(tmp_path: Path) -> None:
     image = _need(EXAMPLES) / "4CH.png"
     res = CliRunner().invoke(
         app,
-        ["explain", "--model", "sononet16", "--weights", str(_need(WEIGHTS)), str(image),
-         "--out", str(tmp_path / "h.png")],
+        [
+            "explain",
+            "--model",
+            "sononet16",
+            "--weights",
+            str(_need(WEIGHTS)),
+            str(image),
+            "--out",
+            str(tmp_path / "h.png"),
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "Fetal thorax" in res.output and (tmp_path / "h.png").is_file()

@@ -32,7 +32,7 @@ def test_tune_end_to_end(tiny: Path, tmp_path: Path) -> None:
     best = TrainConfig.from_dict(json.loads((res.out / "best_config.json").read_text()))
     assert best.model in space.models and best.epochs == 2 and best.img_size == (48, 48)
     assert space.lr[0] <= best.lr <= space.lr[1]
-    rows = list(csv.DictReader(open(res.out / "trials.csv")))
+    rows = list(csv.DictReader((res.out / "trials.csv").read_text().splitlines()))
     assert len(rows) == 5 and {"lr", "model", "label_smoothing", "freeze_epochs"} <= set(rows[0])
     finished = [r for r in rows if r["state"] == "COMPLETE"]
     assert finished and min(float(r["value"]) for r in finished) == pytest.approx(

@@ -231,6 +231,14 @@ def train(
     config: Annotated[
         Path | None, typer.Option(help="JSON config (e.g. from `tune`); flags override it.")
     ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            "--folds",
+            help="K-fold cross-validation by patient: OUT/fold-1..K and OUT/cv_summary.json "
+            "(mean ± sd); the folds then work as one ensemble RUN.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a model on held-out-patient splits; writes weights, sidecar, history, curves."""
@@ -262,6 +270,13 @@ def train(
         cache=cache,
         compile=compile_,
     )
+    if folds is not None:
+        from fetalplanes.crossval import cross_validate
+
+        if folds < 2:
+            _fail(f"--folds must be at least 2, got {folds}")
+        cross_validate(data, cfg, folds, out, labels=labels, preset=preset, progress=not quiet)
+        return
     train_fn(data, labels=labels, preset=preset, config=cfg, out=out, progress=not quiet)
 
 
@@ -274,6 +289,16 @@ class Split_(str, Enum):
 class BackendOpt(str, Enum):
     torch = "torch"
     onnx = "onnx"
+
+
+EnsembleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ensemble",
+        help="More runs (comma-separated run folders or folders of runs) averaged with RUN. "
+        "A folder of runs (e.g. from --folds) given as RUN is an ensemble by itself.",
+    ),
+]
 
 
 @app.command()
@@ -294,12 +319,33 @@ def evaluate(
     labels: LabelsOpt = None,
     backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    ensemble: EnsembleOpt = None,
+    ood: Annotated[
+        Path | None,
+        typer.Option(
+            "--ood",
+            help="Folder of images that are none of the planes: AUROC and false-accept rate "
+            "of the not-target rule (metrics.json `ood`).",
+        ),
+    ] = None,
 ) -> None:
     """Loss, accuracy, balanced accuracy, F1, per-class metrics, confusion matrix, calibration."""
     from fetalplanes.evaluate import evaluate as evaluate_fn
 
+    predictor = None
+    if ensemble:
+        predictor = _predictor(run, None, None, "seed4", backend.value, tta, 0.0, ensemble)
+        out = out or run / f"eval-ensemble-{split.value}"
     evaluate_fn(
-        run, data, split=split.value, out=out, labels=labels, backend=backend.value, tta=tta
+        run,
+        data,
+        split=split.value,
+        out=out,
+        labels=labels,
+        backend=backend.value,
+        tta=tta,
+        predictor=predictor,
+        ood=ood,
     )
 
 
@@ -314,8 +360,17 @@ def _predictor(
     backend: str,
     tta: bool,
     min_confidence: float,
+    ensemble: str | None = None,
 ) -> Any:
     from fetalplanes.inference import Predictor
+
+    if ensemble:
+        from fetalplanes.ensemble import ensemble_predictor
+
+        if model is not None or backend != "torch":
+            _fail("--ensemble combines run folders on the torch backend (no --model/--backend)")
+        extra = [Path(p.strip()) for p in ensemble.split(",") if p.strip()]
+        return ensemble_predictor([run, *extra], tta=tta, min_confidence=min_confidence)
 
     if model is not None:
         if weights is None:
@@ -347,6 +402,7 @@ def predict(
     preset: PresetOpt = "seed4",
     backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    ensemble: EnsembleOpt = None,
     min_confidence: Annotated[
         float, typer.Option("--min-confidence", help="Flag predictions below this as uncertain.")
     ] = 0.5,
@@ -359,7 +415,7 @@ def predict(
     inputs = [Path(a) for a in (args if model else args[1:])]
     if not inputs:
         _fail("no images given: fetalplanes predict RUN IMAGE_OR_DIR ...")
-    pred = _predictor(run, model, weights, preset, backend.value, tta, min_confidence)
+    pred = _predictor(run, model, weights, preset, backend.value, tta, min_confidence, ensemble)
     files = list_images(inputs)
     if not files:
         _fail(f"no image files found in {', '.join(map(str, inputs))}")
@@ -446,6 +502,7 @@ def sort_cmd(
     preset: PresetOpt = "seed4",
     backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    ensemble: EnsembleOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -460,7 +517,7 @@ def sort_cmd(
         )
     run = None if model else Path(args[0])
     inp, out = Path(args[-2]), Path(args[-1])
-    pred = _predictor(run, model, weights, preset, backend.value, tta, min_confidence)
+    pred = _predictor(run, model, weights, preset, backend.value, tta, min_confidence, ensemble)
     s = sort_images(pred, inp, out, min_confidence, batch_size=batch_size, progress=not quiet)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(s.counts.items())) or "nothing new"
     typer.echo(

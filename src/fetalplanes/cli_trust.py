@@ -31,9 +31,7 @@ def _fail(msg: str) -> None:
 
 
 def explain(
-    args: Annotated[
-        list[str], typer.Argument(help="RUN IMAGE (with --model: IMAGE only).")
-    ],
+    args: Annotated[list[str], typer.Argument(help="RUN IMAGE (with --model: IMAGE only).")],
     out: Annotated[
         Path | None, typer.Option(help="Overlay PNG to write (default IMAGE_STEM-gradcam.png).")
     ] = None,
@@ -68,8 +66,10 @@ def explain(
     path = explain_file(predictor, image, dest, target)
     own = pred.extra.get("model_label")
     label = f"{pred.label}" + (f" ({own})" if own else "")
-    typer.echo(f"{image}: {label} {pred.confidence:.3f}; Grad-CAM of "
-               f"{target or 'the predicted class'} written to {path}")
+    typer.echo(
+        f"{image}: {label} {pred.confidence:.3f}; Grad-CAM of "
+        f"{target or 'the predicted class'} written to {path}"
+    )
 
 
 def _run_predictor(run: Path) -> Any:
@@ -85,9 +85,7 @@ def _run_predictor(run: Path) -> Any:
 # ------------------------------------------------------------------ crossval / tune
 
 
-def _base_config(
-    config: Path | None, **changes: Any
-) -> Any:
+def _base_config(config: Path | None, **changes: Any) -> Any:
     import json
 
     from fetalplanes.train import TrainConfig
@@ -137,11 +135,11 @@ def crossval(
     if folds < 2:
         _fail(f"--folds must be at least 2, got {folds}")
     cfg = _base_config(config, model=model, epochs=epochs, img_size=img_size, lr=lr, seed=seed)
-    res = cross_validate(
-        data, cfg, folds, out, labels=labels, preset=preset, progress=not quiet
+    res = cross_validate(data, cfg, folds, out, labels=labels, preset=preset, progress=not quiet)
+    typer.echo(
+        f"{folds}-fold results in {res.out}; the folds form an ensemble: "
+        f"fetalplanes evaluate {res.out} OTHER_DATA"
     )
-    typer.echo(f"{folds}-fold results in {res.out}; the folds form an ensemble: "
-               f"fetalplanes evaluate {res.out} OTHER_DATA")
 
 
 def tune(
@@ -151,11 +149,14 @@ def tune(
     timeout: Annotated[
         float | None, typer.Option(help="Stop starting trials after S seconds.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Study folder (default runs/tune/study).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Study folder (default runs/tune/study).")
+    ] = None,
     models: Annotated[
         str | None,
-        typer.Option(help="Comma-separated models to choose among "
-                     "(default efficientnet_lite0,seed-cnn)."),
+        typer.Option(
+            help="Comma-separated models to choose among (default efficientnet_lite0,seed-cnn)."
+        ),
     ] = None,
     img_size: SizeOpt = None,
     seed: SeedOpt = None,
@@ -174,10 +175,21 @@ def tune(
         names = tuple(m.strip() for m in models.split(",") if m.strip())
         _check_models(names)
         space = SearchSpace(models=names)
-    res = tune_fn(data, base=cfg, trials=trials, timeout=timeout, out=out, space=space,
-                  labels=labels, preset=preset, progress=not quiet)
-    typer.echo(f"best calibrated validation loss {res.best_value:.4f}; "
-               f"train with: fetalplanes train {data} --config {res.out / 'best_config.json'}")
+    res = tune_fn(
+        data,
+        base=cfg,
+        trials=trials,
+        timeout=timeout,
+        out=out,
+        space=space,
+        labels=labels,
+        preset=preset,
+        progress=not quiet,
+    )
+    typer.echo(
+        f"best calibrated validation loss {res.best_value:.4f}; "
+        f"train with: fetalplanes train {data} --config {res.out / 'best_config.json'}"
+    )
 
 
 def _check_models(names: tuple[str, ...]) -> None:

@@ -101,8 +101,13 @@ def evaluate(
     tta: bool = False,
     progress: bool = True,
     predictor: Predictor | None = None,
+    ood: str | Path | None = None,
 ) -> EvalResult:
-    """Compute and write metrics for a run on held-out patients (or another data set)."""
+    """Compute and write metrics for a run on held-out patients (or another data set).
+
+    `ood`: a folder of out-of-distribution images; metrics.json gets `ood` with the AUROC
+    and false-accept rate of the stored not-target rule against the evaluated images.
+    """
     predictor = predictor or Predictor.from_run(run, backend=backend, tta=tta)
     samples, data, where = select_samples(predictor, data_root, split, labels)
     logits, ok, failures = collect_logits(predictor, samples, progress)
@@ -126,6 +131,10 @@ def evaluate(
         "architecture": card.architecture,
         "tta": tta,
     }
+    if ood is not None:
+        from fetalplanes.ood import evaluate_ood
+
+        metrics["ood"] = evaluate_ood(predictor, logits, ood, progress)
     out_dir = Path(out) if out is not None else Path(run) / f"eval-{split}"
     write_outputs(out_dir, metrics, probs, raw, y, [samples[i] for i in ok], card.classes)
     print_summary(metrics, out_dir)
@@ -218,6 +227,10 @@ def markdown_report(m: dict[str, Any]) -> str:
     ]
     if m.get("unreadable"):
         lines += [f"Unreadable files skipped: {len(m['unreadable'])}.", ""]
+    if m.get("ood"):
+        from fetalplanes.ood import report_lines
+
+        lines += report_lines(m["ood"])
     return "\n".join(lines)
 
 
@@ -238,4 +251,8 @@ def print_summary(m: dict[str, Any], out: Path) -> None:
         f"macro F1 {m['macro_f1']:.4f} | loss {m['loss']:.4f} | ECE {m['ece']:.4f} "
         f"(uncalibrated {m['ece_uncalibrated']:.4f})"
     )
+    if m.get("ood"):
+        from fetalplanes.ood import summary_line
+
+        info(summary_line(m["ood"]))
     info(f"written to {out}/ (metrics.json, report.md, confusion_matrix.png, reliability.png)")

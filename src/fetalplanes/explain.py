@@ -15,6 +15,7 @@ Specs without one use the last module that outputs spatial maps.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,20 @@ from torch import nn
 
 from fetalplanes.errors import FetalPlanesError
 
-def _require_gradcam() -> Any:
+#: One Grad-CAM at a time per process: the hooks and the in-place switch act on the shared
+#: network, so concurrent requests (web server threads) would record each other's passes.
+_LOCK = threading.Lock()
+
+
+def _require_gradcam() -> tuple[Any, Any]:
     try:
         from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         raise FetalPlanesError(
             "explanations need the grad-cam package: pip install 'fetalplanes[explain]'"
         ) from None
-    return GradCAM
+    return GradCAM, ClassifierOutputTarget
 
 
 def layer_name(architecture: str) -> str:
@@ -111,19 +118,17 @@ def _members(predictor: Any) -> list[tuple[nn.Module, str]]:
 
 def _cam(net: nn.Module, architecture: str, x: torch.Tensor, target: int) -> np.ndarray:
     """One network's Grad-CAM for class `target` on a (1,1,H,W) float input."""
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    grad_cam = _require_gradcam()
+    grad_cam, class_target = _require_gradcam()
     layer = resolve_layer(net.model, architecture, tuple(x.shape[-2:]))
     was_training = net.training
     with (
+        _LOCK,
         _no_inplace(net),
         torch.inference_mode(False),
         torch.enable_grad(),
         grad_cam(model=net, target_layers=[layer]) as cam,
     ):
-        heat = cam(input_tensor=x.clone().requires_grad_(True),
-                   targets=[ClassifierOutputTarget(target)])
+        heat = cam(input_tensor=x.clone().requires_grad_(True), targets=[class_target(target)])
     net.train(was_training)
     return np.asarray(heat[0], dtype=np.float32)
 

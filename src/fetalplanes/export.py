@@ -46,6 +46,15 @@ def _ort() -> Any:
     return onnxruntime
 
 
+def _onnx() -> Any:
+    """The onnx package (graph metadata), or one clear line saying how to get it."""
+    try:
+        import onnx
+    except ImportError:
+        raise FetalPlanesError("ONNX export needs onnx: pip install 'fetalplanes[onnx]'") from None
+    return onnx
+
+
 def _run_folder(run: str | Path) -> Path:
     """Run folder of `run` (also accepts the weights or sidecar file itself)."""
     p = Path(run)
@@ -123,8 +132,7 @@ def _trace_to_onnx(net: nn.Module, example: Tensor, path: Path, opset: int) -> N
 
 def _stamp(path: Path, card: ModelCard) -> None:
     """Record the architecture, class count and preprocessing in the ONNX metadata."""
-    import onnx
-
+    onnx = _onnx()
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = _META_KEY, json.dumps(_fingerprint(card), sort_keys=True)
@@ -132,16 +140,15 @@ def _stamp(path: Path, card: ModelCard) -> None:
 
 
 def _stamp_of(path: Path) -> dict[str, Any] | None:
-    import onnx
-
+    """The fingerprint stored by `_stamp`; None for foreign or unreadable files."""
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = _onnx().load(str(path), load_external_data=False)
+        entries = {e.key: e.value for e in proto.metadata_props}
+        return json.loads(entries[_META_KEY]) if _META_KEY in entries else None
+    except FetalPlanesError:
+        raise
     except Exception:
-        return None  # unreadable or half-written by a foreign tool: re-export
-    for entry in proto.metadata_props:
-        if entry.key == _META_KEY:
-            return json.loads(entry.value)
-    return None
+        return None  # unreadable or half-written: re-export
 
 
 def onnx_is_current(folder: Path, card: ModelCard) -> bool:

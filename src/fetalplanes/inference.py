@@ -142,9 +142,14 @@ class Predictor:
         min_confidence: float = 0.0,
     ) -> Predictor:
         """Predictor for a run folder (or a folder of fold runs -> ensemble)."""
+        from fetalplanes.ensemble import ensemble_predictor, is_ensemble_dir
         from fetalplanes.train import pick_device
 
         run = Path(run)
+        if is_ensemble_dir(run):
+            if backend != "torch":
+                raise FetalPlanesError(f"{run}: ensembles run on the torch backend only")
+            return ensemble_predictor([run], device, tta, min_confidence)
         if backend == "onnx":
             from fetalplanes.export import OnnxBackend, load_onnx_card
 

@@ -10,10 +10,12 @@ Trials are pruned on the raw per-epoch validation loss that `train` reports thro
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,7 @@ def _require_optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise FetalPlanesError(
-            "tuning needs Optuna: pip install 'fetalplanes[tune]'"
-        ) from None
+        raise FetalPlanesError("tuning needs Optuna: pip install 'fetalplanes[tune]'") from None
     return optuna
 
 
@@ -121,6 +121,17 @@ def _pruning_callback(trial: Any, optuna: Any) -> Callable[[int, dict[str, Any]]
     return on_epoch
 
 
+@contextlib.contextmanager
+def _quiet_console() -> Iterator[None]:
+    from fetalplanes.console import err
+
+    before, err.quiet = err.quiet, True
+    try:
+        yield
+    finally:
+        err.quiet = before
+
+
 def supports_on_epoch() -> bool:
     """Whether `train` can call back after each epoch (needed to prune during training)."""
     return "on_epoch" in inspect.signature(train).parameters
@@ -143,7 +154,8 @@ def make_objective(
         run = trials_dir / f"trial-{trial.number:03d}"
         trial.set_user_attr("run", str(run))
         kw = {"on_epoch": _pruning_callback(trial, optuna)} if live else {}
-        result = train(data=data, split=split, config=cfg, out=run, progress=False, **kw)
+        with _quiet_console():  # one line per trial instead of each run's plan and summary
+            result = train(data=data, split=split, config=cfg, out=run, progress=False, **kw)
         if not live:  # report afterwards so later trials can still be pruned against it
             for row in result.history:
                 if "val_loss" in row:
@@ -182,13 +194,17 @@ def tune(
         data = load_dataset(data_root, labels, preset)
     split = split_by_patient(data.samples, base.val_fraction, base.test_fraction, base.seed)
     if not split.val:
-        raise FetalPlanesError("tuning needs validation patients; raise --val-fraction")
+        raise FetalPlanesError(
+            "tuning needs validation patients; use more patients or a larger val_fraction"
+        )
     out_dir = next_run_dir(Path("runs") / "tune", "study") if out is None else Path(out)
     resolve_run_dir(out_dir, "study")  # refuses a non-empty folder
     study = _study(optuna, base.seed, trials)
     objective = make_objective(data, split, base, space, out_dir / "trials", optuna)
-    info(f"tuning {trials} trials on {len(split.train)} training / {len(split.val)} validation "
-         f"patients of {data.root}; models {', '.join(space.models)}; writing to {out_dir}")
+    info(
+        f"tuning {trials} trials on {len(split.train)} training / {len(split.val)} validation "
+        f"patients of {data.root}; models {', '.join(space.models)}; writing to {out_dir}"
+    )
     from tqdm import tqdm
 
     with tqdm(total=trials, desc="trials", unit="trial", disable=not progress) as bar:
@@ -199,8 +215,9 @@ def tune(
 def _study(optuna: Any, seed: int, trials: int) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, trials // 3)))
-    # judge no trial before 3 have finished, nor on its first (warm-up) epoch
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    # judge no trial before 3 have finished, nor on its first (warm-up) epoch: steps are
+    # 1-based epochs and the pruner looks only at steps >= n_warmup_steps
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     return optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
 
 
@@ -209,19 +226,27 @@ def _report(bar: Any) -> Callable[[Any, Any], None]:
 
     def callback(study: Any, trial: Any) -> None:
         bar.update(1)
-        value = trial.state.name.lower() if trial.value is None else f"{trial.value:.4f}"
-        info(f"trial {trial.number}: {value} ({_short(trial.params)})")
+        bar.write(f"trial {trial.number}: {_outcome(trial)} ({_short(trial.params)})", sys.stderr)
 
     return callback
 
 
+def _outcome(trial: Any) -> str:
+    if trial.state.name == "COMPLETE":
+        return f"{trial.value:.4f}"
+    if trial.state.name == "PRUNED" and trial.intermediate_values:
+        return f"pruned after epoch {max(trial.intermediate_values)}"
+    return trial.state.name.lower()
+
+
 def _short(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in params.items())
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
 
 
 def _finish(study: Any, out: Path) -> TuneResult:
-    done = [t for t in study.trials if t.value is not None]
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not done:
         raise FetalPlanesError("no trial finished (all pruned or failed); allow more time")
     best = study.best_trial
@@ -229,27 +254,35 @@ def _finish(study: Any, out: Path) -> TuneResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "best_config.json").write_text(json.dumps(best_cfg.to_dict(), indent=2) + "\n")
     write_trials_csv(study.trials, out / "trials.csv")
-    info(f"best trial {best.number}: calibrated validation loss {best.value:.4f} "
-         f"({_short(best.params)})")
-    info(f"wrote {out / 'best_config.json'} (use: fetalplanes train DATA --config it) "
-         f"and {out / 'trials.csv'}")
+    info(
+        f"best trial {best.number}: calibrated validation loss {best.value:.4f} "
+        f"({_short(best.params)})"
+    )
+    info(
+        f"wrote {out / 'best_config.json'} (use: fetalplanes train DATA --config it) "
+        f"and {out / 'trials.csv'}"
+    )
     return TuneResult(out, best_cfg, float(best.value), study)
 
 
 def write_trials_csv(trials: Sequence[Any], path: Path) -> None:
-    """One row per trial: state, objective, parameters, run folder."""
+    """One row per trial: state, objective (finished trials), parameters, run folder."""
     names = sorted({k for t in trials for k in t.params})
     attrs = ("best_epoch", "val_accuracy", "temperature", "run")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["number", "state", "value", "seconds", *names, *attrs])
+        w.writerow(["number", "state", "value", "epochs_reported", "seconds", *names, *attrs])
         for t in trials:
-            seconds = t.duration.total_seconds() if t.duration is not None else ""
-            w.writerow([
-                t.number,
-                t.state.name,
-                "" if t.value is None else f"{t.value:.6f}",
-                f"{seconds:.1f}" if seconds != "" else "",
-                *(t.params.get(n, "") for n in names),
-                *(t.user_attrs.get(a, "") for a in attrs),
-            ])
+            done = t.state.name == "COMPLETE"
+            seconds = t.duration.total_seconds() if t.duration is not None else None
+            w.writerow(
+                [
+                    t.number,
+                    t.state.name,
+                    f"{t.value:.6f}" if done else "",
+                    len(t.intermediate_values),
+                    "" if seconds is None else f"{seconds:.1f}",
+                    *(t.params.get(n, "") for n in names),
+                    *(t.user_attrs.get(a, "") for a in attrs),
+                ]
+            )
