@@ -525,7 +525,7 @@ class Bench:
         self.add(f"latency_{name}_p95_ms", "single-image latency p95", eng, 1, p95, "ms")
 
     def stages(self) -> None:
-        """Median cost per image of each step on one core, and the crop's share."""
+        """Median cost of each step for one image (decode path on one core), crop's share."""
         from fetalplanes.crop import crop_ultrasound
         from fetalplanes.images import decode_image
 
@@ -547,6 +547,18 @@ class Bench:
         self.add("stage_decode_ms", "read + PNG decode (800x540)", "-", 1, ms["decode"], "ms")
         self.add("stage_crop_ms", "ultrasound crop", "-", 1, ms["crop"], "ms", share)
         self.add("stage_resize_ms", f"resize to {h}x{w}", "-", 1, ms["resize"], "ms")
+        one = np.full((1, h, w), 128, np.uint8)
+        for name, pred in self.predictors.items():
+            pred.backend.logits(one)
+            times = [_timed(lambda p=pred: p.backend.logits(one)) for _ in range(5)]
+            self.add(
+                f"stage_model_{name}_ms",
+                "model forward, one image",
+                self.engine(name),
+                1,
+                1000 * statistics.median(times),
+                "ms",
+            )
 
     # ---------------------------------------------------------------- training
     def training(self) -> None:

@@ -7,9 +7,10 @@ preprocessing is never served stale, and a renamed or copied file is a hit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,16 @@ class ArrayCache:
     def append(self, digests: list[str], arrays: np.ndarray) -> None:
         """Write new rows, then the index (so a crash never indexes missing rows)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        new = [(d, a) for d, a in zip(digests, arrays, strict=True) if d not in self.index]
+        new: dict[str, np.ndarray] = {}
+        for d, arr in zip(digests, arrays, strict=True):
+            if d not in self.index and d not in new:  # identical files stored once
+                new[d] = arr
         if not new:
             return
         start = self.data_path.stat().st_size // self.row_bytes if self.data_path.exists() else 0
         with open(self.data_path, "ab") as f:
             f.truncate(start * self.row_bytes)
-            for i, (d, a) in enumerate(new):
+            for i, (d, a) in enumerate(new.items()):
                 f.write(np.ascontiguousarray(a, dtype=np.uint8).tobytes())
                 self.index[d] = start + i
 
@@ -105,8 +109,43 @@ def load_arrays(
     progress: bool = True,
     desc: str = "decoding images",
 ) -> LoadedArrays:
-    """Prepare every image once; with a cache folder, later calls read the cache instead."""
-    cache = ArrayCache(cache_dir, pp) if cache_dir is not None else None
+    """Prepare every image once; with a cache folder, later calls read the cache instead.
+
+    Concurrent processes filling the same cache are serialised by a file lock, so one
+    writer never truncates or re-indexes another's rows.
+    """
+    if cache_dir is None:
+        return _load(paths, pp, None, workers, progress, desc)
+    folder = Path(cache_dir) / pp.cache_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder / ".lock"):
+        return _load(paths, pp, ArrayCache(cache_dir, pp), workers, progress, desc)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock (POSIX); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load(
+    paths: Sequence[Path],
+    pp: Preprocess,
+    cache: ArrayCache | None,
+    workers: int | None,
+    progress: bool,
+    desc: str,
+) -> LoadedArrays:
     digests = _hash_files(paths) if cache is not None else [None] * len(paths)
     todo = [i for i, d in enumerate(digests) if cache is None or d not in cache.index]
     got: dict[int, np.ndarray] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -12,6 +13,10 @@ from typing import Annotated, Any
 import typer
 
 from fetalplanes.errors import FetalPlanesError
+
+# Spinning OpenMP threads make torch several times slower on a busy 2-core machine;
+# set before torch is imported (commands import it lazily). Users may override it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="fetalplanes",

@@ -54,7 +54,8 @@ class Preprocess:
 
     def cache_key(self) -> str:
         """Only what changes the cached uint8 pixels."""
-        return f"{self.size[0]}x{self.size[1]}-crop{int(self.crop)}-v1"
+        # bump the suffix whenever decoding, cropping or resizing changes pixels
+        return f"{self.size[0]}x{self.size[1]}-crop{int(self.crop)}-v2"
 
     def prepare_array(self, gray: np.ndarray) -> np.ndarray:
         """Crop (optionally) and resize a decoded grayscale image to uint8 (H, W)."""
