@@ -560,7 +560,7 @@ def demo(
     per_class: Annotated[
         int, typer.Option("--per-class", help="Synthetic images per plane.")
     ] = 100,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 7,
     model: Annotated[str, typer.Option(help="Architecture for the demo.")] = "efficientnet_lite0",
     img_size: Annotated[int, typer.Option("--img-size", help="Input size (small = fast on CPU).")
                         ] = 128,

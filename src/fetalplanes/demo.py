@@ -39,7 +39,7 @@ def write_unlabelled_scans(folder: Path, per_class: int, seed: int) -> list[Path
 def run_demo(
     out: Path,
     per_class: int = 100,
-    epochs: int = 8,
+    epochs: int = 7,
     model: str = "efficientnet_lite0",
     img_size: int = 128,
     seed: int = 0,
