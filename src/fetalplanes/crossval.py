@@ -28,21 +28,11 @@ from fetalplanes.data import (
     split_by_patient,
 )
 from fetalplanes.errors import FetalPlanesError
+from fetalplanes.evaluate import HEADLINE_METRICS
 
 SUMMARY = "cv_summary.json"
 #: Metrics summarised across folds (from each fold's evaluate metrics.json).
-CV_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "weighted_f1",
-    "cohen_kappa",
-    "macro_auroc",
-    "loss",
-    "ece",
-    "ece_uncalibrated",
-    "brier",
-)
+CV_METRICS = HEADLINE_METRICS
 
 
 @dataclass

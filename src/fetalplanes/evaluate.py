@@ -23,6 +23,20 @@ from fetalplanes.loading import iter_batches
 from fetalplanes.metrics import classification_metrics, reliability_bins
 from fetalplanes.plots import confusion_matrix_plot, reliability_diagram
 
+#: Scalar metrics shown in reports and summarised across cross-validation folds.
+HEADLINE_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "cohen_kappa",
+    "macro_auroc",
+    "loss",
+    "ece",
+    "ece_uncalibrated",
+    "brier",
+)
+
 
 @dataclass
 class EvalResult:
@@ -196,19 +210,7 @@ def markdown_report(m: dict[str, Any]) -> str:
         "| metric | value |",
         "| --- | --- |",
     ]
-    for key in (
-        "accuracy",
-        "balanced_accuracy",
-        "macro_f1",
-        "weighted_f1",
-        "cohen_kappa",
-        "macro_auroc",
-        "loss",
-        "ece",
-        "ece_uncalibrated",
-        "brier",
-        "temperature",
-    ):
+    for key in (*HEADLINE_METRICS, "temperature"):
         lines.append(f"| {key} | {_fmt(m.get(key))} |")
     lines += [
         "",
