@@ -167,3 +167,26 @@ def test_export_cli(seed_run: Path, tmp_path: Path) -> None:
     assert out.is_file() and "opset 17" in res.output
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "run folder not found" in bad.output
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_model_in_decode_workers_matches_main_process(
+    trained_run: Path, scans: Path, tmp_path: Path, tta: bool
+) -> None:
+    """The ONNX model run inside the decode workers gives the in-process results."""
+    files = sorted(scans.glob("*.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    files = [*files[:3], bad, *files[3:]]
+    p = Predictor.from_run(trained_run, backend="onnx", tta=tta)
+    inline = list(p.predict_paths(files, workers=0))
+    main_calls: list[int] = []
+    own = p.backend.logits
+    p.backend.logits = lambda x: main_calls.append(len(x)) or own(x)  # type: ignore[method-assign]
+    in_workers = list(p.predict_paths(files, batch_size=64, workers=2))
+    assert main_calls == []  # the network ran in the workers only
+    assert [r.path for r in in_workers] == [str(f) for f in files]
+    assert not in_workers[3].ok and "bad.png" in (in_workers[3].error or "")
+    good = [r for r in in_workers if r.ok]
+    assert len(good) == len(files) - 1
+    assert _max_prob_diff([r for r in inline if r.ok], good) < TOL

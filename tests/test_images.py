@@ -30,6 +30,25 @@ def test_gray_rgb_and_16bit(tmp_path: Path) -> None:
     assert out.dtype == np.uint8 and out.max() == 255
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA"])
+def test_fast_png_path_gives_pillows_pixels(mode: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """OpenCV decodes plain 8-bit PNGs for speed; pixels must equal the Pillow path's."""
+    from fetalplanes.images import _decode_png_fast, _pil_to_gray
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as ref:
+        expected = _pil_to_gray(ref)
+    assert np.array_equal(decode_image(data), expected)
+    assert (_decode_png_fast(data) is not None) == (mode in ("L", "RGB"))
+    with pytest.raises(ImageError, match=r"cut\.png"):
+        decode_image(data[: len(data) // 2], "cut.png")
+    assert capfd.readouterr().err == ""  # no OpenCV log lines beside our one-line error
+
+
 def test_extension_is_not_trusted(tmp_path: Path) -> None:
     p = tmp_path / "really_png.jpg"
     p.write_bytes(_png(np.zeros((4, 4), np.uint8)))

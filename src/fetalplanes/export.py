@@ -17,6 +17,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,17 @@ def make_session(path: Path, threads: int | None = None) -> Any:
         raise CheckpointError(f"{path}: cannot load ONNX model ({first})") from None
 
 
+@dataclass(frozen=True)
+class OnnxWorkerModel:
+    """Recipe for a single-threaded copy of a backend in each decode worker process."""
+
+    path: Path
+    tta: bool
+
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        return OnnxBackend(self.path, self.tta, threads=1).logits
+
+
 class _SessionNet(nn.Module):
     """A session seen as a module, so `tta_logits` serves both backends unchanged."""
 
@@ -241,6 +254,10 @@ class OnnxBackend:
     ) -> OnnxBackend:
         """Backend for a run folder; exports RUN/model.onnx first when missing or stale."""
         return cls(ensure_onnx(run)[0], tta, threads)
+
+    def worker_model(self) -> OnnxWorkerModel:
+        """What `loading.iter_batches` needs to run this model inside its workers."""
+        return OnnxWorkerModel(self.path, self.tta)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """(N,1,H,W) float32 pixels -> (N,C) float32 logits, in chunks of `max_batch`."""

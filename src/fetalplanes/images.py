@@ -6,9 +6,11 @@ see identical pixels and report bad files with the same one-line messages.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -72,6 +74,62 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return _to_uint8_gray(np.asarray(img))
 
 
+@functools.cache
+def opencv() -> Any:
+    """OpenCV, set up once for this package.
+
+    Its own thread pool deadlocks in forked DataLoader workers (parallelism comes from
+    worker processes instead, and per-image ops are too small to gain from threads),
+    and its log lines about corrupt files would duplicate our one-line errors.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    return cv2
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) of a PNG, from its IHDR chunk."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return (
+        int.from_bytes(data[16:20], "big"),
+        int.from_bytes(data[20:24], "big"),
+        data[24],
+        data[25],
+    )
+
+
+def _decode_png_fast(data: bytes) -> np.ndarray | None:
+    """8-bit gray or RGB PNG via OpenCV (libpng), about 25% faster than Pillow here.
+
+    Only plain 8-bit gray (type 0) and RGB (type 2) take this path, where both
+    libraries give identical pixels (tested); everything else, and any file OpenCV
+    refuses, goes through Pillow so errors keep one wording.
+    """
+    head = _png_header(data)
+    if head is None:
+        return None
+    width, height, depth, colour = head
+    if depth != 8 or colour not in (0, 2) or width * height > MAX_PIXELS or not width * height:
+        return None
+    cv2 = opencv()
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.shape[:2] != (height, width) or arr.dtype != np.uint8:
+        return None
+    if arr.ndim == 2 and colour == 0:
+        return arr
+    if arr.ndim == 3 and arr.shape[2] == 3 and colour == 2:
+        from fetalplanes.crop import to_gray
+
+        return to_gray(arr[..., ::-1])  # OpenCV gives BGR
+    return None
+
+
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode image bytes (PNG, JPEG, BMP, TIFF, WebP or DICOM) to a 2-D uint8 array.
 
@@ -82,6 +140,9 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise ImageError(f"{name}: empty file")
     if _is_dicom(data[:132]):
         return _decode_dicom(data, name)
+    fast = _decode_png_fast(data)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

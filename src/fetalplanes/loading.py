@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -70,17 +72,46 @@ class Batch:
     arrays: np.ndarray  # (n, H, W) uint8, n may be 0
     digests: list[str]
     failures: list[tuple[int, str]]
+    logits: np.ndarray | None = None  # (n, C), when the workers also ran the model
 
 
-def _collate(items: list[Item]) -> Batch:
+class WorkerModel(Protocol):
+    """A picklable recipe for a model that each worker process builds once for itself.
+
+    Why: on a CPU, one single-threaded model per worker process (decode -> crop ->
+    resize -> network, no hand-over) keeps every core busy, whereas a multi-threaded
+    model in the main process stalls whenever a decode worker takes one of its cores.
+    """
+
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        """(N,H,W) uint8 -> (N,C) float32 logits."""
+        ...
+
+
+_built: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def _worker_logits(model: WorkerModel, arrays: np.ndarray) -> np.ndarray:
+    """Run `model`, built once per process (a forked worker never reuses its parent's)."""
+    key = (os.getpid(), id(model))
+    if key not in _built:
+        _built.clear()
+        _built[key] = model.build()
+    return _built[key](arrays)
+
+
+def _collate(items: list[Item], model: WorkerModel | None = None) -> Batch:
     ok = [it for it in items if it.array is not None]
     arrays = np.stack([it.array for it in ok]) if ok else np.zeros((0, 0, 0), dtype=np.uint8)
-    return Batch(
+    batch = Batch(
         [it.index for it in ok],
         arrays,
         [it.digest for it in ok],
         [(it.index, it.error or "unknown error") for it in items if it.array is None],
     )
+    if model is not None and ok:
+        batch.logits = _worker_logits(model, arrays)
+    return batch
 
 
 def default_workers(n_items: int) -> int:
@@ -90,15 +121,19 @@ def default_workers(n_items: int) -> int:
     return max(1, min(4, (os.cpu_count() or 1)))
 
 
-
 def iter_batches(
     paths: Sequence[Path],
     pp: Preprocess,
     batch_size: int = 32,
     workers: int | None = None,
     indices: Sequence[int] | None = None,
+    model: WorkerModel | None = None,
 ) -> Iterator[Batch]:
-    """Yield prepared batches in input order, decoding in `workers` processes."""
+    """Yield prepared batches in input order, decoding in `workers` processes.
+
+    With `model`, each worker also runs the model on its batches and fills
+    `Batch.logits` (see `WorkerModel`).
+    """
     ds = PathDataset(paths, pp, indices)
     n_workers = default_workers(len(ds)) if workers is None else workers
     loader = DataLoader(
@@ -106,7 +141,7 @@ def iter_batches(
         batch_size=batch_size,
         shuffle=False,
         num_workers=n_workers,
-        collate_fn=_collate,
+        collate_fn=partial(_collate, model=model),
         prefetch_factor=4 if n_workers else None,
         persistent_workers=False,
     )

@@ -14,17 +14,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fetalplanes.images import read_image
+from fetalplanes.images import opencv, read_image
 
-# OpenCV's own thread pool deadlocks in forked DataLoader workers; parallelism comes from
-# worker processes instead, and per-image ops are too small to gain from threads.
-cv2.setNumThreads(1)
+cv2 = opencv()
 
 
 @dataclass(frozen=True)
