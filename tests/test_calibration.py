@@ -57,19 +57,41 @@ def test_temperature_stays_finite_on_separable_validation() -> None:
     assert fit_temperature(np.zeros((0, 4)), np.zeros(0, int)) == 1.0
 
 
+def _with_feature_column(logits: np.ndarray) -> np.ndarray:
+    """Outputs as a run with a feature bank gives them: logits, then the knn score (here
+    a stand-in: the max logit)."""
+    return np.concatenate([logits, logits.max(axis=1, keepdims=True)], axis=1)
+
+
 @pytest.mark.parametrize("method", SCORES)
 def test_rejection_keeps_the_target_recall(method: str) -> None:
     val_logits, _ = sample_logits(2000, 2.0, seed=3)
     test_logits, _ = sample_logits(4000, 2.0, seed=4)
-    rule = fit_rejection(val_logits, 1.5, recall=0.95, method=method)
-    assert rule["method"] == method and rule["scale"] > 0 and rule["n"] == 2000
-    kept = 1 - is_not_target(test_logits, 1.5, rule).mean()
-    assert kept == pytest.approx(0.95, abs=0.015)
-    margin = rejection_margin(test_logits, 1.5, rule)
-    np.testing.assert_array_equal(margin < 0, is_not_target(test_logits, 1.5, rule))
     far = np.full((5, 4), -3.0)  # uniformly low logits: nothing like a trained plane
+    n = None
+    if method == "knn":
+        val_logits, test_logits, far = map(_with_feature_column, (val_logits, test_logits, far))
+        n = 4
+    rule = fit_rejection(val_logits, 1.5, recall=0.95, method=method, n_classes=n)
+    assert rule["method"] == method and rule["scale"] > 0 and rule["n"] == 2000
+    rejected = is_not_target(test_logits, 1.5, rule, n)
+    assert 1 - rejected.mean() == pytest.approx(0.95, abs=0.015)
+    margin = rejection_margin(test_logits, 1.5, rule, n)
+    np.testing.assert_array_equal(margin < 0, rejected)
     if method != "msp":
-        assert is_not_target(far, 1.5, rule).all()
+        assert is_not_target(far, 1.5, rule, n).all()
+
+
+def test_outputs_split_into_logits_and_feature_score() -> None:
+    logits, _ = sample_logits(10, 1.0, seed=0)
+    outputs = _with_feature_column(logits)
+    for method in ("energy", "msp", "maxlogit"):  # the extra column never leaks into these
+        np.testing.assert_allclose(
+            ood_score(outputs, 1.3, method, n_classes=4), ood_score(logits, 1.3, method)
+        )
+    np.testing.assert_allclose(ood_score(outputs, 1.0, "knn", 4), logits.max(axis=1))
+    with pytest.raises(ValueError, match="feature bank"):
+        ood_score(logits, 1.0, "knn", 4)
 
 
 def test_rejection_edge_cases() -> None:
@@ -173,7 +195,7 @@ def test_rejection_of_photos_noise_and_unseen_planes(
     from fetalplanes.ood import evaluate_ood, folder_logits
 
     predictor = Predictor.from_run(calib_run, device="cpu")
-    assert predictor.card.rejection["method"] == "energy"
+    assert predictor.card.rejection["method"] == "knn"
     in_logits, _ = folder_logits(predictor, unseen)
     cervix = _phantoms(tmp_path / "cervix", "Maternal cervix", 30, seed=7)
     other = _phantoms(tmp_path / "other", "Other", 30, seed=8)

@@ -328,15 +328,30 @@ def write_scans(folder: Path, n: int, unique: int, progress: bool = True) -> lis
     return paths
 
 
+#: Feature-bank rows of the benchmark run: the size FETAL_PLANES_DB's training patients give.
+BENCH_BANK = 7_000
+
+
 def make_run(folder: Path, model: str, img_size: int | None) -> Path:
-    """A run folder with a randomly initialised model (speed does not depend on weights)."""
+    """A run folder as `train` writes it, with a randomly initialised model (speed does not
+    depend on weights) and a random feature bank of a full data set's size for the default
+    knn not-target score, so the bench pays for everything a real run computes."""
+    from fetalplanes.features import BANK_FILE, FeatureTap, make_bank, save_bank
     from fetalplanes.models import create_model, get_spec
 
     spec = get_spec(model)
     pp = spec.preprocess if img_size is None else spec.preprocess.with_(size=(img_size, img_size))
     torch.manual_seed(0)
-    net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size)
-    save_checkpoint(folder, net, ModelCard(model, list(SEED4), pp))
+    net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size).eval()
+    tap = FeatureTap(net)
+    with torch.no_grad():
+        net(torch.zeros(1, 1, *pp.size))
+    tap.remove()
+    dim = int(tap.features().shape[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_bank(folder, make_bank(np.random.default_rng(0).normal(size=(BENCH_BANK, dim))))
+    rule = {"method": "knn", "k": 5, "bank": BANK_FILE, "threshold": 0.5, "scale": 0.1}
+    save_checkpoint(folder, net, ModelCard(model, list(SEED4), pp, rejection=rule))
     return folder
 
 
@@ -386,24 +401,21 @@ class Trainer:
     @property
     def details(self) -> str:
         cuda = self.loop.device.type == "cuda"
-        return ("bf16, channels_last" if cuda else "fp32") + (", compiled" if self.compiled else "")
+        dtype = "bf16" if cuda else "fp32"
+        return f"{dtype}, channels_last" + (", compiled" if self.compiled else "")
 
 
 def make_trainer(
     model: str, pp: Preprocess, device: torch.device, batch: int, compiled: bool
 ) -> Trainer:
-    """Training set-up as `train` builds it on `device`: bf16 + channels_last on CUDA."""
+    """Training set-up as `train` builds it on `device` (channels_last; bf16 on CUDA)."""
     from fetalplanes.models import create_model
-    from fetalplanes.train import Loop
+    from fetalplanes.train import make_loop
     from fetalplanes.transforms import BatchAugment, get_augment
 
     torch.manual_seed(0)
-    net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-    fwd = torch.compile(net) if compiled else net
-    loop = Loop(fwd, pp, device, amp=cuda, channels_last=cuda)
+    net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size)
+    net, loop = make_loop(net, pp, device, compile=compiled)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     augment = BatchAugment(get_augment("origin"), torch.Generator().manual_seed(0))  # type: ignore[arg-type]

@@ -6,6 +6,10 @@ sidecar, so every inference path (torch, ONNX, server) applies the same numbers.
 Rejection thresholds an in-distribution score (higher = more like the trained planes)
 at the value that keeps `recall` (default 95%) of the validation images, so no
 out-of-distribution images are needed to fit it. `docs/trust.md` compares the scores.
+
+Scores are computed from a model's raw *outputs*: its logits, followed by one column of
+feature-space score when the run has a feature bank (`features.KnnScore`). Functions
+that take `n_classes` use it to tell the two apart; without it, outputs are all logits.
 """
 
 from __future__ import annotations
@@ -16,8 +20,24 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
 
-SCORES = ("energy", "msp", "maxlogit")
-DEFAULT_SCORE = "energy"
+LOGIT_SCORES = ("energy", "msp", "maxlogit")
+SCORES = (*LOGIT_SCORES, "knn")
+DEFAULT_SCORE = "knn"
+
+
+def split_outputs(
+    outputs: np.ndarray, n_classes: int | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, knn score or None) of raw model outputs."""
+    outputs = np.asarray(outputs)
+    if n_classes is None or outputs.shape[1] <= n_classes:
+        return outputs, None
+    return outputs[:, :n_classes], outputs[:, n_classes]
+
+
+def available_scores(outputs: np.ndarray, n_classes: int | None) -> tuple[str, ...]:
+    """The scores these outputs can give (knn only with a feature-score column)."""
+    return SCORES if split_outputs(outputs, n_classes)[1] is not None else LOGIT_SCORES
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, prior_sd: float = 1.0) -> float:
@@ -47,15 +67,25 @@ def calibrated_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray
 
 
 def ood_score(
-    logits: np.ndarray, temperature: float = 1.0, method: str = DEFAULT_SCORE
+    outputs: np.ndarray,
+    temperature: float = 1.0,
+    method: str = DEFAULT_SCORE,
+    n_classes: int | None = None,
 ) -> np.ndarray:
     """In-distribution score: higher means more like the trained planes.
 
     energy = T * logsumexp(logits / T) (negative free energy, Liu et al. 2020);
     msp = max calibrated probability (Hendrycks & Gimpel 2017); maxlogit = max logit
     (Hendrycks et al. 2022). Energy and maxlogit keep the logits' magnitude, which
-    softmax throws away, so they separate far-away inputs better than msp.
+    softmax throws away, so they separate far-away inputs better than msp. knn =
+    similarity to the k-th nearest training image in feature space (Sun et al. 2022),
+    read from the outputs' extra column.
     """
+    logits, knn = split_outputs(outputs, n_classes)
+    if method == "knn":
+        if knn is None:
+            raise ValueError("the knn score needs a run trained with a feature bank")
+        return knn
     if method == "energy":
         return temperature * logsumexp(logits / temperature, axis=1)
     if method == "msp":
@@ -66,21 +96,22 @@ def ood_score(
 
 
 def fit_rejection(
-    logits: np.ndarray,
+    outputs: np.ndarray,
     temperature: float,
     recall: float = 0.95,
     method: str = DEFAULT_SCORE,
+    n_classes: int | None = None,
 ) -> dict[str, Any]:
     """Threshold keeping `recall` of validation (in-distribution) images.
 
     `scale` (the validation scores' interquartile range) lets ensembles average scores of
     members whose logits have different magnitudes.
     """
-    if len(logits) == 0:
+    if len(outputs) == 0:
         return {}
     if not 0.0 < recall <= 1.0:
         raise ValueError(f"rejection recall must be in (0, 1], got {recall}")
-    scores = ood_score(logits, temperature, method)
+    scores = ood_score(outputs, temperature, method, n_classes)
     threshold = float(np.quantile(scores, 1 - recall))
     q25, q75 = np.quantile(scores, [0.25, 0.75])
     return {
@@ -93,16 +124,25 @@ def fit_rejection(
     }
 
 
-def is_not_target(logits: np.ndarray, temperature: float, rejection: dict[str, Any]) -> np.ndarray:
+def is_not_target(
+    outputs: np.ndarray,
+    temperature: float,
+    rejection: dict[str, Any],
+    n_classes: int | None = None,
+) -> np.ndarray:
     """Boolean per image: rejected as none of the trained planes."""
     if not rejection or "threshold" not in rejection:
-        return np.zeros(len(logits), dtype=bool)
-    return ood_score(logits, temperature, rejection["method"]) < rejection["threshold"]
+        return np.zeros(len(outputs), dtype=bool)
+    score = ood_score(outputs, temperature, rejection["method"], n_classes)
+    return score < rejection["threshold"]
 
 
 def rejection_margin(
-    logits: np.ndarray, temperature: float, rejection: dict[str, Any]
+    outputs: np.ndarray,
+    temperature: float,
+    rejection: dict[str, Any],
+    n_classes: int | None = None,
 ) -> np.ndarray:
     """(score - threshold) / scale: > 0 accepted, < 0 rejected, comparable across models."""
-    score = ood_score(logits, temperature, rejection["method"])
+    score = ood_score(outputs, temperature, rejection["method"], n_classes)
     return (score - rejection["threshold"]) / float(rejection.get("scale", 1.0))

@@ -236,6 +236,21 @@ def train(
     config: Annotated[
         Path | None, typer.Option(help="JSON config (e.g. from `tune`); flags override it.")
     ] = None,
+    rejection_score: Annotated[
+        str | None,
+        typer.Option(
+            "--rejection-score",
+            help="Not-target score: knn (feature distance to training images, default), "
+            "energy, msp or maxlogit.",
+        ),
+    ] = None,
+    rejection_recall: Annotated[
+        float | None,
+        typer.Option(
+            "--rejection-recall",
+            help="Share of validation images the not-target threshold keeps (default 0.95).",
+        ),
+    ] = None,
     folds: Annotated[
         int | None,
         typer.Option(
@@ -274,6 +289,8 @@ def train(
         device=device,
         cache=cache,
         compile=compile_,
+        rejection_score=rejection_score,
+        rejection_recall=rejection_recall,
     )
     if folds is not None:
         from fetalplanes.crossval import cross_validate

@@ -70,9 +70,11 @@ class EnsembleBackend:
         probs, margins = [], []
         for m in self.members:
             raw = m.backend.logits(pixels)
-            probs.append(calibrated_probs(raw, m.card.temperature))
+            n = len(m.classes)
+            probs.append(calibrated_probs(raw[:, :n], m.card.temperature))
             if self.rejects:
-                margins.append(rejection_margin(raw, m.card.temperature, m.card.rejection))
+                rej = m.card.rejection
+                margins.append(rejection_margin(raw, m.card.temperature, rej, n))
         out = np.log(np.clip(np.mean(probs, axis=0), _TINY, 1.0))
         out -= np.log(np.exp(out).sum(axis=1, keepdims=True))  # rows sum to 1 exactly
         if self.rejects:
@@ -106,6 +108,7 @@ def ensemble_card(cards: Sequence[ModelCard], runs: Sequence[Path], rejects: boo
             "threshold": 0.0,
             "scale": 1.0,
             "rule": "mean of members' (score - threshold) / scale >= 0",
+            "member_scores": sorted({str(c.rejection.get("method")) for c in cards}),
             "target_recall": first.rejection.get("target_recall"),
             "fitted_on": "members' validation patients",
         }

@@ -131,8 +131,9 @@ def evaluate(
         raise FetalPlanesError("no readable images to evaluate")
     y = np.array([data.classes.index(samples[i].label) for i in ok])
     card = predictor.card
-    probs = calibrated_probs(logits, card.temperature)
-    raw = calibrated_probs(logits, 1.0)
+    n = len(card.classes)
+    probs = calibrated_probs(logits[:, :n], card.temperature)
+    raw = calibrated_probs(logits[:, :n], 1.0)
     metrics = classification_metrics(probs, y, card.classes)
     metrics |= {
         "evaluated_on": where,

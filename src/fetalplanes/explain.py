@@ -137,7 +137,7 @@ def _target_index(predictor: Any, pixels: np.ndarray, target: int | str | None) 
     """Class index in `predictor.classes` (the network's own outputs); default: predicted."""
     classes = list(predictor.classes)
     if target is None:
-        return int(predictor.logits_arrays(pixels[None])[0].argmax())
+        return int(predictor.logits_arrays(pixels[None])[0, : len(classes)].argmax())
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if target not in classes:
             raise FetalPlanesError(f"unknown class {target!r}; the model has {', '.join(classes)}")

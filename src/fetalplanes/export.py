@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from fetalplanes.checkpoint import SIDECAR, WEIGHTS, ModelCard, load_card, load_checkpoint
 from fetalplanes.errors import CheckpointError, FetalPlanesError
+from fetalplanes.features import BANK_FILE, load_knn
 from fetalplanes.inference import InferenceModel, tta_logits
 
 ONNX_FILE = "model.onnx"
@@ -69,10 +70,16 @@ def _run_folder(run: str | Path) -> Path:
 
 def _fingerprint(card: ModelCard) -> dict[str, Any]:
     """What the graph depends on besides the weights (checked before reuse)."""
+    rejection = card.rejection
     return {
         "architecture": card.architecture,
         "num_classes": len(card.classes),
         "preprocess": card.preprocess.to_dict(),
+        "feature_score": (
+            {k: rejection.get(k) for k in ("method", "k", "bank", "bank_size")}
+            if rejection.get("method") == "knn"
+            else None
+        ),
     }
 
 
@@ -89,7 +96,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = 17)
     folder = _run_folder(run)
     model, card = load_checkpoint(folder)
     target = Path(out) if out is not None else folder / ONNX_FILE
-    net = InferenceModel(model, card.preprocess).eval()
+    net = InferenceModel(model, card.preprocess, load_knn(folder, card.rejection)).eval()
     example = torch.full((2, 1, *card.preprocess.size), 128.0)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,12 +161,13 @@ def _stamp_of(path: Path) -> dict[str, Any] | None:
 
 
 def onnx_is_current(folder: Path, card: ModelCard) -> bool:
-    """True when RUN/model.onnx exists, is not older than the weights, and matches the card."""
-    path, weights = folder / ONNX_FILE, folder / WEIGHTS
+    """True when RUN/model.onnx exists, is newer than weights and bank, and matches the card."""
+    path = folder / ONNX_FILE
     if not path.is_file():
         return False
-    if weights.is_file() and path.stat().st_mtime_ns < weights.stat().st_mtime_ns:
-        return False
+    for source in (folder / WEIGHTS, folder / BANK_FILE):
+        if source.is_file() and path.stat().st_mtime_ns < source.stat().st_mtime_ns:
+            return False
     return _stamp_of(path) == json.loads(json.dumps(_fingerprint(card), sort_keys=True))
 
 
@@ -245,7 +253,7 @@ class OnnxBackend:
         self.path = Path(path)
         self.session = make_session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
-        self.n_classes = int(self.session.get_outputs()[0].shape[1])
+        self.n_outputs = int(self.session.get_outputs()[0].shape[1])  # logits (+ knn score)
         self.tta = tta
 
     @classmethod
@@ -266,7 +274,7 @@ class OnnxBackend:
             self.session.run(None, {self.input_name: x[i : i + self.max_batch]})[0]
             for i in range(0, len(x), self.max_batch)
         ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.n_classes), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_outputs), np.float32)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """(N,H,W) uint8 -> (N,C) float32 logits."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fetalplanes.calibration import calibrated_probs, is_not_target, ood_score
 from fetalplanes.checkpoint import ModelCard, load_checkpoint
 from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.features import FeatureTap, KnnScore, load_knn
 from fetalplanes.images import decode_image, list_images
 from fetalplanes.loading import default_workers, iter_batches
 from fetalplanes.transforms import Preprocess, normalize
@@ -34,16 +35,24 @@ WORKER_BATCH = 4
 class InferenceModel(nn.Module):
     """Network plus its normalisation: takes (N,1,H,W) float pixels in [0,255].
 
-    Folding normalisation in makes exported ONNX graphs self-contained.
+    Folding normalisation in makes exported ONNX graphs self-contained. With a `knn`
+    scorer the output gains one last column, the feature-space score of
+    `features.KnnScore` (see `calibration.split_outputs`).
     """
 
-    def __init__(self, model: nn.Module, pp: Preprocess):
+    def __init__(self, model: nn.Module, pp: Preprocess, knn: KnnScore | None = None):
         super().__init__()
         self.model = model
         self.pp = pp
+        self.knn = knn
+        self._tap = FeatureTap(model) if knn is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(normalize(x, self.pp))
+        logits = self.model(normalize(x, self.pp))
+        if self.knn is None or self._tap is None:
+            return logits
+        score = self.knn(self._tap.features())
+        return torch.cat([logits, score[:, None].to(logits.dtype)], dim=1)
 
 
 class Backend(Protocol):
@@ -53,20 +62,25 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Eager PyTorch on CPU or CUDA, with optional flip test-time augmentation."""
+    """Eager PyTorch on CPU or CUDA (channels_last: ~1.6x faster on CPU too), optional TTA."""
 
-    def __init__(self, model: nn.Module, pp: Preprocess, device: torch.device, tta: bool = False):
-        self.net = InferenceModel(model, pp).to(device).eval()
+    def __init__(
+        self,
+        model: nn.Module,
+        pp: Preprocess,
+        device: torch.device,
+        tta: bool = False,
+        knn: KnnScore | None = None,
+    ):
+        self.net = InferenceModel(model, pp, knn).to(device).eval()
+        self.net = self.net.to(memory_format=torch.channels_last)
         self.device = device
         self.tta = tta
-        if device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(1).to(self.device).float()
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         out = self.net(x)
         if self.tta:
             out = tta_logits(self.net, x, out)
@@ -162,9 +176,9 @@ class Predictor:
         if backend != "torch":
             raise FetalPlanesError(f"unknown backend {backend!r}; choose torch or onnx")
         model, card = load_checkpoint(run)
-        return cls(
-            TorchBackend(model, card.preprocess, pick_device(device), tta), card, min_confidence
-        )
+        knn = load_knn(run, card.rejection)
+        backend = TorchBackend(model, card.preprocess, pick_device(device), tta, knn)
+        return cls(backend, card, min_confidence)
 
     @classmethod
     def from_pretrained(
@@ -205,12 +219,13 @@ class Predictor:
         return cls(backend, card, min_confidence, fold=fold)
 
     # ------------------------------------------------------------ core
-    def _results(self, paths: Sequence[str], logits: np.ndarray) -> list[Prediction]:
+    def _results(self, paths: Sequence[str], outputs: np.ndarray) -> list[Prediction]:
         card = self.card
-        probs = calibrated_probs(logits, card.temperature)
-        reject = is_not_target(logits, card.temperature, card.rejection)
+        n = len(self.classes)
+        probs = calibrated_probs(outputs[:, :n], card.temperature)
+        reject = is_not_target(outputs, card.temperature, card.rejection, n)
         scores = (
-            ood_score(logits, card.temperature, card.rejection["method"])
+            ood_score(outputs, card.temperature, card.rejection["method"], n)
             if card.rejection
             else [None] * len(paths)
         )
@@ -252,7 +267,7 @@ class Predictor:
         return self.fold(np.full((1, len(self.classes)), 1 / len(self.classes)))[1]
 
     def logits_arrays(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Logits for prepared (N,H,W) uint8 images."""
+        """Raw outputs (logits, then any feature-score column) for prepared (N,H,W) uint8."""
         parts = [
             self.backend.logits(pixels[i : i + batch_size])
             for i in range(0, len(pixels), batch_size)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fetalplanes.calibration import DEFAULT_SCORE, SCORES, ood_score
+from fetalplanes.calibration import DEFAULT_SCORE, available_scores, ood_score
 from fetalplanes.console import report_failures
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.images import list_images
@@ -53,13 +53,18 @@ def fpr_at_recall(in_scores: np.ndarray, ood_scores: np.ndarray, recall: float =
 
 
 def compare_scores(
-    in_logits: np.ndarray, ood_logits: np.ndarray, temperature: float
+    in_logits: np.ndarray,
+    ood_logits: np.ndarray,
+    temperature: float,
+    n_classes: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """AUROC and FPR at 95% in-distribution recall for every score (threshold-free view)."""
+    """AUROC and FPR at 95% in-distribution recall for every score (threshold-free view).
+
+    `in_logits`/`ood_logits` are raw outputs (see `calibration.split_outputs`)."""
     out = {}
-    for method in SCORES:
-        s_in = ood_score(in_logits, temperature, method)
-        s_ood = ood_score(ood_logits, temperature, method)
+    for method in available_scores(in_logits, n_classes):
+        s_in = ood_score(in_logits, temperature, method, n_classes)
+        s_ood = ood_score(ood_logits, temperature, method, n_classes)
         out[method] = {
             "auroc": binary_auroc(s_in, s_ood),
             "fpr_at_95_recall": fpr_at_recall(s_in, s_ood),
@@ -68,12 +73,18 @@ def compare_scores(
 
 
 def rejection_report(
-    in_logits: np.ndarray, ood_logits: np.ndarray, temperature: float, rejection: dict[str, Any]
+    in_logits: np.ndarray,
+    ood_logits: np.ndarray,
+    temperature: float,
+    rejection: dict[str, Any],
+    n_classes: int | None = None,
 ) -> dict[str, Any]:
     """AUROC of the stored score and, with a stored threshold, its false-accept rate."""
     method = rejection.get("method", DEFAULT_SCORE)
-    s_in = ood_score(in_logits, temperature, method)
-    s_ood = ood_score(ood_logits, temperature, method)
+    if method not in available_scores(in_logits, n_classes):
+        method = "energy"
+    s_in = ood_score(in_logits, temperature, method, n_classes)
+    s_ood = ood_score(ood_logits, temperature, method, n_classes)
     report: dict[str, Any] = {
         "score": method,
         "auroc": binary_auroc(s_in, s_ood),
@@ -90,7 +101,7 @@ def rejection_report(
         }
     else:
         report["note"] = "this model stores no rejection threshold; AUROC only"
-    report["by_score"] = compare_scores(in_logits, ood_logits, temperature)
+    report["by_score"] = compare_scores(in_logits, ood_logits, temperature, n_classes)
     return report
 
 
@@ -102,7 +113,9 @@ def evaluate_ood(
         raise FetalPlanesError("no in-distribution images to compare the OOD folder with")
     ood_logits, failures = folder_logits(predictor, ood_dir, progress)
     card = predictor.card
-    report = rejection_report(in_logits, ood_logits, card.temperature, card.rejection)
+    report = rejection_report(
+        in_logits, ood_logits, card.temperature, card.rejection, len(predictor.classes)
+    )
     return {"folder": str(ood_dir), **report, "unreadable": failures}
 
 

@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,19 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fetalplanes.cache import default_cache_dir, load_arrays
-from fetalplanes.calibration import calibrated_probs, fit_rejection, fit_temperature
+from fetalplanes.calibration import SCORES, calibrated_probs, fit_rejection, fit_temperature
 from fetalplanes.checkpoint import ModelCard, save_checkpoint
 from fetalplanes.console import info, report_failures, warn
 from fetalplanes.data import LabelledData, Split, load_dataset, split_by_patient, split_counts
 from fetalplanes.errors import FetalPlanesError
+from fetalplanes.features import (
+    BANK_FILE,
+    collect_features,
+    knn_scores,
+    make_bank,
+    save_bank,
+    stored_bank,
+)
 from fetalplanes.metrics import classification_metrics
 from fetalplanes.models import create_model, get_spec
 from fetalplanes.plots import training_curves
@@ -59,12 +67,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # NHWC memory: 1.4-1.7x faster training on CPU, faster on CUDA
     compile: bool = False
     cache: bool = True
     cache_dir: str | None = None
     workers: int | None = None
     rejection_recall: float = 0.95
+    rejection_score: str = "knn"  # knn (feature space) | energy | msp | maxlogit
+    knn_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.rejection_score not in SCORES:
+            raise FetalPlanesError(
+                f"unknown rejection score {self.rejection_score!r}; choose {', '.join(SCORES)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -241,14 +257,36 @@ class Loop:
         return self.model(self.inputs(x))
 
 
+def make_loop(
+    model: nn.Module,
+    pp: Preprocess,
+    device: torch.device,
+    amp: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+) -> tuple[nn.Module, Loop]:
+    """Model on `device` in its fastest layout, and the Loop that feeds it.
+
+    channels_last pays on CPU too (measured 1.4-1.7x per training step for
+    EfficientNet-Lite0 at 96-224 px on 2 cores); bf16 autocast only on CUDA.
+    """
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if compile else model
+    return model, Loop(fwd, pp, device, amp and device.type == "cuda", channels_last)
+
+
+def in_order(data: ArrayData, batch_size: int = 128) -> Iterator[Tensor]:
+    """The images of `data` in order, batch by batch (uint8, on the device)."""
+    for start in range(0, len(data), batch_size):
+        yield data.batch(torch.arange(start, min(start + batch_size, len(data))))[0]
+
+
 @torch.no_grad()
 def predict_logits(loop: Loop, data: ArrayData, batch_size: int = 128) -> np.ndarray:
     loop.model.eval()
-    outs = []
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        x, _ = data.batch(idx)
-        outs.append(loop.forward(x).float().cpu())
+    outs = [loop.forward(x).float().cpu() for x in in_order(data, batch_size)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -374,14 +412,8 @@ def train(
         raise FetalPlanesError("no readable training images")
 
     n_classes = len(data.classes)
-    model = create_model(
-        cfg.model, n_classes, cfg.pretrained, cfg.weights, input_size=pp.size
-    ).to(device)
-    cuda = device.type == "cuda"
-    if cuda and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fwd_model = torch.compile(model) if cfg.compile else model
-    loop = Loop(fwd_model, pp, device, cfg.amp and cuda, cuda and cfg.channels_last)
+    model = create_model(cfg.model, n_classes, cfg.pretrained, cfg.weights, input_size=pp.size)
+    model, loop = make_loop(model, pp, device, cfg.amp, cfg.channels_last, cfg.compile)
     train_data = ArrayData(x_tr, y_tr, device)
     val_data = ArrayData(x_va, y_va, device)
 
@@ -462,7 +494,16 @@ def train(
             break
 
     return _finish(
-        run, model, loop, card, history, best[1], val_data, y_va, cfg, time.perf_counter() - started
+        run,
+        model,
+        loop,
+        card,
+        history,
+        best[1],
+        (train_data, val_data),
+        y_va,
+        cfg,
+        time.perf_counter() - started,
     )
 
 
@@ -473,7 +514,7 @@ def _finish(
     card: ModelCard,
     history: list[dict[str, Any]],
     best_epoch: int,
-    val_data: ArrayData,
+    data: tuple[ArrayData, ArrayData],
     y_va: np.ndarray,
     cfg: TrainConfig,
     seconds: float,
@@ -482,11 +523,12 @@ def _finish(
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(run / "weights.safetensors")))
+    train_data, val_data = data
     val_metrics: dict[str, Any] = {}
     if len(val_data):
-        logits = predict_logits(loop, val_data)
+        logits, feats = collect_features(model, lambda: in_order(val_data), loop.forward)
         card.temperature = fit_temperature(logits, y_va)
-        card.rejection = fit_rejection(logits, card.temperature, cfg.rejection_recall)
+        card.rejection = fit_rejection_rule(run, model, loop, train_data, logits, feats, card, cfg)
         val_metrics = classification_metrics(
             calibrated_probs(logits, card.temperature), y_va, card.classes
         )
@@ -507,6 +549,30 @@ def _finish(
     acc = f", validation accuracy {val_acc:.3f}" if val_acc is not None else ""
     info(f"best epoch {best_epoch}{acc}, temperature {card.temperature:.2f}; run saved to {run}")
     return TrainResult(run, card, history, best_epoch, val_metrics)
+
+
+def fit_rejection_rule(
+    run: Path,
+    model: nn.Module,
+    loop: Loop,
+    train_data: ArrayData,
+    logits: np.ndarray,
+    val_features: np.ndarray,
+    card: ModelCard,
+    cfg: TrainConfig,
+) -> dict[str, Any]:
+    """Fit the not-target threshold on validation; for knn, store the training features."""
+    n = len(card.classes)
+    if cfg.rejection_score != "knn":
+        return fit_rejection(logits, card.temperature, cfg.rejection_recall, cfg.rejection_score)
+    _, train_features = collect_features(model, lambda: in_order(train_data), loop.forward)
+    bank = make_bank(train_features, cfg.seed)
+    save_bank(run, bank)
+    knn = knn_scores(val_features, stored_bank(bank), cfg.knn_k)
+    outputs = np.concatenate([logits, knn[:, None]], axis=1)
+    rule = fit_rejection(outputs, card.temperature, cfg.rejection_recall, "knn", n)
+    k = min(cfg.knn_k, len(bank))
+    return rule | {"k": k, "bank": BANK_FILE, "bank_size": len(bank), "feature_dim": bank.shape[1]}
 
 
 def _data_record(data: LabelledData, failures: list[str]) -> dict[str, Any]:
