@@ -336,7 +336,7 @@ def make_run(folder: Path, model: str, img_size: int | None) -> Path:
     """A run folder as `train` writes it, with a randomly initialised model (speed does not
     depend on weights) and a random feature bank of a full data set's size for the default
     knn not-target score, so the bench pays for everything a real run computes."""
-    from fetalplanes.features import BANK_FILE, FeatureTap, make_bank, save_bank
+    from fetalplanes.features import BANK_FILE, FeatureTap, auto_k, make_bank, save_bank
     from fetalplanes.models import create_model, get_spec
 
     spec = get_spec(model)
@@ -350,7 +350,7 @@ def make_run(folder: Path, model: str, img_size: int | None) -> Path:
     dim = int(tap.features().shape[1])
     folder.mkdir(parents=True, exist_ok=True)
     save_bank(folder, make_bank(np.random.default_rng(0).normal(size=(BENCH_BANK, dim))))
-    rule = {"method": "knn", "k": 5, "bank": BANK_FILE, "threshold": 0.5, "scale": 0.1}
+    rule = {"method": "knn", "k": auto_k(BENCH_BANK), "bank": BANK_FILE, "threshold": 0.5}
     save_checkpoint(folder, net, ModelCard(model, list(SEED4), pp, rejection=rule))
     return folder
 

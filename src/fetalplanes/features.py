@@ -28,8 +28,18 @@ from torch import Tensor, nn
 from fetalplanes.errors import CheckpointError
 
 BANK_FILE = "feature_bank.safetensors"
-DEFAULT_K = 5
+DEFAULT_K = 1
 MAX_BANK = 10_000  # training images kept as neighbours (a random subset beyond this)
+
+
+def auto_k(bank_size: int) -> int:
+    """k as the same share of the training set as Sun et al.'s k = 50 of 50,000 images.
+
+    1 up to 1,500 training images, 7 for FETAL_PLANES_DB's ~7,000. On small synthetic
+    sets k = 1 separated photos and untrained planes as well as or better than 5 or 20
+    (docs/trust.md).
+    """
+    return max(1, round(bank_size / 1000))
 
 
 def feature_module(model: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ from fetalplanes.data import LabelledData, Split, load_dataset, split_by_patient
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.features import (
     BANK_FILE,
+    auto_k,
     collect_features,
     knn_scores,
     make_bank,
@@ -74,7 +75,7 @@ class TrainConfig:
     workers: int | None = None
     rejection_recall: float = 0.95
     rejection_score: str = "knn"  # knn (feature space) | energy | msp | maxlogit
-    knn_k: int = 5
+    knn_k: int | None = None  # neighbours for the knn score; None: features.auto_k
 
     def __post_init__(self) -> None:
         if self.rejection_score not in SCORES:
@@ -568,10 +569,10 @@ def fit_rejection_rule(
     _, train_features = collect_features(model, lambda: in_order(train_data), loop.forward)
     bank = make_bank(train_features, cfg.seed)
     save_bank(run, bank)
-    knn = knn_scores(val_features, stored_bank(bank), cfg.knn_k)
+    k = min(cfg.knn_k or auto_k(len(bank)), len(bank))
+    knn = knn_scores(val_features, stored_bank(bank), k)
     outputs = np.concatenate([logits, knn[:, None]], axis=1)
     rule = fit_rejection(outputs, card.temperature, cfg.rejection_recall, "knn", n)
-    k = min(cfg.knn_k, len(bank))
     return rule | {"k": k, "bank": BANK_FILE, "bank_size": len(bank), "feature_dim": bank.shape[1]}
 
 
