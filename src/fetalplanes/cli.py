@@ -311,6 +311,13 @@ class Split_(str, Enum):
 class BackendOpt(str, Enum):
     torch = "torch"
     onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+
+
+BackendArg = Annotated[
+    BackendOpt,
+    typer.Option(help="torch, onnx or onnx-int8 (ONNX Runtime on the CPU; docs/benchmarks.md)."),
+]
 
 
 EnsembleOpt = Annotated[
@@ -339,7 +346,7 @@ def evaluate(
         Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT).")
     ] = None,
     labels: LabelsOpt = None,
-    backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     ood: Annotated[
@@ -422,7 +429,7 @@ def predict(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     min_confidence: Annotated[
@@ -522,7 +529,7 @@ def sort_cmd(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,

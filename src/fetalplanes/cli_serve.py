@@ -14,6 +14,7 @@ import typer
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the CLI."""
     from fetalplanes.cli import (
+        BackendArg,
         BackendOpt,
         ModelOpt,
         PresetOpt,
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="Address to bind; anything but loopback prints a warning.")
         ] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-        backend: Annotated[BackendOpt, typer.Option(help="torch or onnx.")] = BackendOpt.torch,
+        backend: BackendArg = BackendOpt.torch,
         max_file_mb: Annotated[
             float, typer.Option("--max-file-mb", min=0.001, help="Largest accepted file (MiB).")
         ] = 20,
@@ -84,7 +85,7 @@ def register(app: typer.Typer) -> None:
                 run, model, weights, preset, backend.value, False, min_confidence
             )
         except ModuleNotFoundError as exc:  # e.g. --backend onnx without onnxruntime
-            hint = " (pip install 'fetalplanes[onnx]')" if backend is BackendOpt.onnx else ""
+            hint = " (pip install 'fetalplanes[onnx]')" if backend is not BackendOpt.torch else ""
             _fail(f"cannot load the model: module {exc.name} is missing{hint}")
         warning = exposure_warning(host)
         if warning:

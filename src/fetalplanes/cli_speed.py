@@ -33,16 +33,38 @@ def export_cmd(
         ExportFormat, typer.Option("--format", help="Export format.")
     ] = ExportFormat.onnx,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
-    out: Annotated[Path | None, typer.Option(help="Output file (default RUN/model.onnx).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output file (default RUN/model.onnx, RUN/model.int8.onnx)."),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also quantise the convolutions to int8 (about 2x faster on a CPU; "
+            "check accuracy with `evaluate --backend onnx-int8`).",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Folder of typical scans for --int8 (default: the run's data)."),
+    ] = None,
 ) -> None:
     """Export a run to ONNX (normalisation inside; input N x 1 x H x W pixels 0-255)."""
-    from fetalplanes.export import export_onnx
+    from fetalplanes.export import export_int8, export_onnx
 
-    path = export_onnx(run, out, opset)
+    fp32_out = None if int8 else out
+    path = export_onnx(run, fp32_out, opset)
     size_mb = path.stat().st_size / 1e6
     typer.echo(
         f"wrote {path} ({size_mb:.1f} MB, opset {opset}, dynamic batch); use it with --backend onnx"
     )
+    if int8:
+        q = export_int8(run, calibration, out)
+        typer.echo(
+            f"wrote {q} ({q.stat().st_size / 1e6:.1f} MB, int8 convolutions); "
+            "use it with --backend onnx-int8"
+        )
 
 
 def bench_cmd(

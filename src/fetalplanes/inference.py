@@ -168,13 +168,16 @@ class Predictor:
             if backend != "torch":
                 raise FetalPlanesError(f"{run}: ensembles run on the torch backend only")
             return ensemble_predictor([run], device, tta, min_confidence)
-        if backend == "onnx":
+        if backend in ("onnx", "onnx-int8"):
             from fetalplanes.export import OnnxBackend, load_onnx_card
 
-            card = load_onnx_card(run)
-            return cls(OnnxBackend.from_run(run, tta=tta), card, min_confidence)
+            int8 = backend == "onnx-int8"
+            card = load_onnx_card(run, int8)
+            return cls(OnnxBackend.from_run(run, tta=tta, int8=int8), card, min_confidence)
         if backend != "torch":
-            raise FetalPlanesError(f"unknown backend {backend!r}; choose torch or onnx")
+            raise FetalPlanesError(
+                f"unknown backend {backend!r}; choose torch, onnx or onnx-int8"
+            )
         model, card = load_checkpoint(run)
         knn = load_knn(run, card.rejection)
         backend = TorchBackend(model, card.preprocess, pick_device(device), tta, knn)
