@@ -190,3 +190,43 @@ def test_model_in_decode_workers_matches_main_process(
     good = [r for r in in_workers if r.ok]
     assert len(good) == len(files) - 1
     assert _max_prob_diff([r for r in inline if r.ok], good) < TOL
+
+
+def test_int8_export_follows_the_float_model(
+    trained_run: Path, seed_data: Path, tmp_path: Path
+) -> None:
+    """int8 is an approximation: same classes, most labels equal, knn score close."""
+    from fetalplanes.export import INT8_FILE, export_int8, onnx_is_current
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    path = export_int8(run)  # calibrated on the run's recorded training data
+    assert path == run / INT8_FILE and onnx_is_current(run, load_onnx_card(run), int8=True)
+    assert path.stat().st_size < (run / "model.onnx").stat().st_size / 2
+    files = sorted(seed_data.rglob("*.png"))[:40]
+    fp32 = list(Predictor.from_run(run, backend="onnx").predict_paths(files, workers=0))
+    int8 = list(Predictor.from_run(run, backend="onnx-int8").predict_paths(files, workers=0))
+    agree = np.mean([a.label == b.label for a, b in zip(fp32, int8, strict=True)])
+    score_diff = max(abs((a.score or 0) - (b.score or 0)) for a, b in zip(fp32, int8, strict=True))
+    print(f"int8 vs fp32: label agreement {agree:.3f}, max knn score difference {score_diff:.3f}")
+    assert agree >= 0.9 and score_diff < 0.2
+    assert all(abs(sum(b.probs.values()) - 1) < 1e-4 for b in int8)
+
+
+def test_int8_needs_calibration_images(seed_run: Path, tmp_path: Path, scans: Path) -> None:
+    from fetalplanes.export import export_int8
+
+    run = tmp_path / "run"
+    shutil.copytree(seed_run, run)  # its card records no data folder
+    with pytest.raises(FetalPlanesError, match="--calibration"):
+        export_int8(run)
+    import typer
+    from typer.testing import CliRunner
+
+    from fetalplanes import cli_speed
+
+    app = typer.Typer()
+    cli_speed.register(app)
+    res = CliRunner().invoke(app, ["export", str(run), "--int8", "--calibration", str(scans)])
+    assert res.exit_code == 0, res.output
+    assert "onnx-int8" in res.output and (run / "model.int8.onnx").is_file()

@@ -255,7 +255,13 @@ class MemorySampler:
     RSS summed over processes counts pages that forked workers share several times
     (an upper bound); PSS splits shared pages between them (the real total).
     Without /proc, the main process's own peak from getrusage is reported instead.
+
+    Reading smaps_rollup of a process that has imported torch costs ~30 ms of CPU, so
+    the sampler waits at least `_OVERHEAD`⁻¹ times as long as its last sample took:
+    sampling 3 processes every 0.1 s would take most of a core from what it measures.
     """
+
+    _OVERHEAD = 0.02  # share of one core the sampler may use
 
     def __init__(self, pid: int | None = None, interval: float = 0.1):
         self.pid = pid or os.getpid()
@@ -266,18 +272,21 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._proc = Path("/proc/self/smaps_rollup").is_file()
+        self._cost = 0.0  # seconds the last sample took
 
     def sample(self) -> None:
         if not self._proc:
             self.peak_rss_kb = self.peak_pss_kb = self.peak_root_rss_kb = _getrusage_kb()
             return
+        t0 = time.perf_counter()
         tree = [_rollup(p) for p in process_tree(self.pid)]
         self.peak_root_rss_kb = max(self.peak_root_rss_kb, tree[0][0])
         self.peak_rss_kb = max(self.peak_rss_kb, sum(r for r, _ in tree))
         self.peak_pss_kb = max(self.peak_pss_kb, sum(p for _, p in tree))
+        self._cost = time.perf_counter() - t0
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(max(self.interval, self._cost / self._OVERHEAD)):
             self.sample()
 
     def __enter__(self) -> MemorySampler:
