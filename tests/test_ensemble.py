@@ -112,9 +112,11 @@ def test_ensemble_outputs_are_mean_probabilities_and_mean_margins(
     logits = ens.logits_arrays(pixels)
     probs, margins = [], []
     for m in ens.backend.members:
-        raw = m.logits_arrays(pixels)
-        probs.append(calibrated_probs(raw, m.card.temperature))
-        margins.append(rejection_margin(raw, m.card.temperature, m.card.rejection))
+        raw = m.logits_arrays(pixels)  # logits, then the knn score column
+        n = len(m.classes)
+        assert raw.shape == (12, n + 1) and m.card.rejection["method"] == "knn"
+        probs.append(calibrated_probs(raw[:, :n], m.card.temperature))
+        margins.append(rejection_margin(raw, m.card.temperature, m.card.rejection, n))
     np.testing.assert_allclose(calibrated_probs(logits), np.mean(probs, 0), atol=1e-5)
     preds = ens._results([f"x{i}" for i in range(12)], logits)
     np.testing.assert_array_equal([p.not_target for p in preds], np.mean(margins, 0) < 0)
