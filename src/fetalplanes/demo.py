@@ -91,7 +91,10 @@ def run_demo(
         f"{ev.metrics['n_images']} images): {acc:.4f}[/bold]"
     )
     info(f"data:       {out / 'data'}")
-    info(f"run:        {result.run} (weights.safetensors, model.json, history.csv, curves.png)")
+    info(
+        f"run:        {result.run} (weights.safetensors, model.json, feature_bank.safetensors,"
+        " history.csv, curves.png)"
+    )
     info(f"evaluation: {ev.out} (metrics.json, report.md, confusion_matrix.png)")
     info(f"sorted:     {out / 'sorted'} ({dict(summary.counts)}; predictions.csv)")
     info(f"finished in {time.perf_counter() - t0:.0f} s")
