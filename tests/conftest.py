@@ -33,7 +33,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("FETALPLANES_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _make(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
+def need_shared(path: Path) -> Path:
+    """`path` inside shared/, or skip the test saying where it was looked for."""
+    if not path.exists():
+        pytest.skip(
+            f"shared/ data not found at {path}: set FETALPLANES_SHARED to the shared folder"
+        )
+    return path
+
+
+def make_data(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
+    """A synthetic data set (`synth.generate`, test-sized images unless `size` is given)."""
     from fetalplanes.synth import generate
 
     out = tmp_path_factory.mktemp(name) / "data"
@@ -45,19 +55,19 @@ def _make(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
 @pytest.fixture(scope="session")
 def seed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Seed layout (image_label.csv without extensions + images/), 40 per class."""
-    return _make(tmp_path_factory, "seed", per_class=40, fmt="seed", seed=0)
+    return make_data(tmp_path_factory, "seed", per_class=40, fmt="seed", seed=0)
 
 
 @pytest.fixture(scope="session")
 def fpdb_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fetalplanes.data import PLANES
 
-    return _make(tmp_path_factory, "fpdb", per_class=12, fmt="fpdb", seed=1, planes=PLANES)
+    return make_data(tmp_path_factory, "fpdb", per_class=12, fmt="fpdb", seed=1, planes=PLANES)
 
 
 @pytest.fixture(scope="session")
 def folders_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make(tmp_path_factory, "folders", per_class=10, fmt="folders", seed=2)
+    return make_data(tmp_path_factory, "folders", per_class=10, fmt="folders", seed=2)
 
 
 @pytest.fixture(scope="session")

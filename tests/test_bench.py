@@ -82,7 +82,7 @@ def test_bench_refuses_cuda_without_gpu(app: typer.Typer) -> None:
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+        pytest.skip("a GPU is present: this test checks the error shown without one")
     res = CliRunner().invoke(app, ["bench", "--device", "cuda", "--quick"])
     assert res.exit_code == 2 and "no CUDA GPU" in res.output
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL, make_data
 from PIL import Image
 
 from fetalplanes.calibration import (
@@ -20,8 +21,6 @@ from fetalplanes.calibration import (
     rejection_margin,
 )
 from fetalplanes.metrics import expected_calibration_error
-
-SMALL = (180, 266)
 
 
 def sample_logits(n: int, scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,21 +121,13 @@ CALIB = dict(
 )
 
 
-def _synth(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
-    from fetalplanes.synth import generate
-
-    out = tmp_path_factory.mktemp(name) / "data"
-    generate(out, size=SMALL, progress=False, fmt="seed", **kw)
-    return out
-
-
 @pytest.fixture(scope="module")
 def calib_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fetalplanes.train import TrainConfig, train
 
     # 120 per plane: with 60, validation held ~56 images and ECE after scaling ranged
     # 0.020-0.042 over training seeds; with 120 it was 0.009-0.016 (docs/trust.md)
-    data = _synth(tmp_path_factory, "calibdata", per_class=120, seed=3)
+    data = make_data(tmp_path_factory, "calibdata", size=SMALL, fmt="seed", per_class=120, seed=3)
     out = tmp_path_factory.mktemp("calib") / "run"
     train(data, config=TrainConfig(**CALIB), out=out, progress=False)
     return out
@@ -145,7 +136,7 @@ def calib_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def unseen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """320 images of new synthetic patients (another seed): ECE needs a few hundred."""
-    return _synth(tmp_path_factory, "unseen", per_class=80, seed=11)
+    return make_data(tmp_path_factory, "unseen", size=SMALL, fmt="seed", per_class=80, seed=11)
 
 
 #: Every 2-D sample image bundled with scikit-image 0.2x (no download; `cat` is `chelsea`).

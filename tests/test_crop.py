@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -10,23 +9,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import need_shared, shared_dir
 
 from fetalplanes.crop import crop_ultrasound, find_ultrasound_region, to_gray
 
 torch.set_num_threads(2)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FETALPLANES_SHARED", REPO.parent / "shared"))
+SHARED = shared_dir()
 EXAMPLES = SHARED / "sononet" / "example_images"
 HC18 = SHARED / "hc18-sample"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(
-            f"shared/ data not found at {path}: set FETALPLANES_SHARED to the shared folder"
-        )
-    return path
 
 
 def _read_gray(path: Path) -> np.ndarray:
@@ -137,7 +128,7 @@ def test_to_gray_keeps_grey_and_tint_and_damps_colour():
 
 
 def test_hc18_images_are_not_cut_into():
-    files = sorted(_need(HC18).glob("*.png"))
+    files = sorted(need_shared(HC18).glob("*.png"))
     areas, kept = [], []
     for f in files:
         gray = _read_gray(f)
@@ -155,7 +146,7 @@ def test_hc18_images_are_not_cut_into():
 
 
 def test_sononet_frames_lose_their_ui_quickly():
-    files = sorted(_need(EXAMPLES).glob("*.png"))
+    files = sorted(need_shared(EXAMPLES).glob("*.png"))
     grays = [_read_gray(f) for f in files]
     for f, gray in zip(files, grays, strict=True):
         top, left, bottom, right = find_ultrasound_region(gray)
@@ -180,7 +171,8 @@ def test_crop_on_reference_crop_keeps_sononet_prediction():
     )
 
     (top, bottom), (left, right) = SONONET_EXAMPLE_CROP
-    refs = [_read_gray(f)[top:bottom, left:right] for f in sorted(_need(EXAMPLES).glob("*.png"))]
+    files = sorted(need_shared(EXAMPLES).glob("*.png"))
+    refs = [_read_gray(f)[top:bottom, left:right] for f in files]
     recropped = [crop_ultrasound(r) for r in refs]
     for ref, again in zip(refs, recropped, strict=True):
         assert again.size >= 0.85 * ref.size  # the reference crop is almost all ultrasound
@@ -189,7 +181,7 @@ def test_crop_on_reference_crop_keeps_sononet_prediction():
     ]
     if not changed:
         return  # every crop is a no-op, so the predictions are identical by construction
-    weights = _need(SHARED / "sononet" / "SonoNet16.pth")
+    weights = need_shared(SHARED / "sononet" / "SonoNet16.pth")
     net = load_sononet_weights(SonoNet(16), weights).eval()
     batch = torch.cat(
         [prepare_sononet_input(img) for i in changed for img in (refs[i], recropped[i])]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL, make_data
 
 from fetalplanes.calibration import calibrated_probs, rejection_margin
 from fetalplanes.crossval import cross_validate, fold_splits
@@ -17,7 +18,6 @@ from fetalplanes.evaluate import evaluate
 from fetalplanes.inference import Predictor
 from fetalplanes.train import TrainConfig
 
-SMALL = (180, 266)
 CV = dict(
     model="efficientnet_lite0",
     img_size=(64, 64),
@@ -30,23 +30,15 @@ CV = dict(
 )
 
 
-def _synth(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
-    from fetalplanes.synth import generate
-
-    out = tmp_path_factory.mktemp(name) / "data"
-    generate(out, size=SMALL, progress=False, fmt="seed", **kw)
-    return out
-
-
 @pytest.fixture(scope="module")
 def cv_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _synth(tmp_path_factory, "cvdata", per_class=40, seed=31)
+    return make_data(tmp_path_factory, "cvdata", size=SMALL, fmt="seed", per_class=40, seed=31)
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """New synthetic patients (another seed) that no fold ever saw."""
-    return _synth(tmp_path_factory, "heldout", per_class=30, seed=32)
+    return make_data(tmp_path_factory, "heldout", size=SMALL, fmt="seed", per_class=30, seed=32)
 
 
 @pytest.fixture(scope="module")

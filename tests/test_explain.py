@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need_shared, shared_dir
 from PIL import Image
 from scipy import ndimage
 
@@ -15,18 +15,9 @@ from fetalplanes.errors import FetalPlanesError
 from fetalplanes.explain import explain_file, heatmap, overlay_png, prepare, resolve_layer
 from fetalplanes.inference import Predictor
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FETALPLANES_SHARED", REPO.parent / "shared"))
+SHARED = shared_dir()
 WEIGHTS = SHARED / "sononet" / "SonoNet16.pth"
 EXAMPLES = SHARED / "sononet" / "example_images"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(
-            f"shared/ data not found at {path}: set FETALPLANES_SHARED to the shared folder"
-        )
-    return path
 
 
 def sector_mask(prepared: np.ndarray) -> np.ndarray:
@@ -46,13 +37,13 @@ def heat_inside(heat: np.ndarray, mask: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def sononet() -> Predictor:
-    return Predictor.from_pretrained("sononet16", _need(WEIGHTS), device="cpu")
+    return Predictor.from_pretrained("sononet16", need_shared(WEIGHTS), device="cpu")
 
 
 def test_heat_inside_the_sector_on_sononet_examples(sononet: Predictor) -> None:
     from fetalplanes.crop import to_gray
 
-    files = sorted(_need(EXAMPLES).glob("*.png"))
+    files = sorted(need_shared(EXAMPLES).glob("*.png"))
     assert len(files) == 13
     inside, area = {}, {}
     for f in files:
@@ -68,7 +59,7 @@ def test_heat_inside_the_sector_on_sononet_examples(sononet: Predictor) -> None:
 
 
 def test_overlay_png_is_a_colour_image(sononet: Predictor) -> None:
-    gray = np.asarray(Image.open(_need(EXAMPLES) / "FEMUR.png").convert("L"))
+    gray = np.asarray(Image.open(need_shared(EXAMPLES) / "FEMUR.png").convert("L"))
     pixels = prepare(sononet, gray)
     png = overlay_png(pixels, heatmap(sononet, gray, target=6))  # 6 = SonoNet's Femur
     img = np.asarray(Image.open(io.BytesIO(png)))
@@ -140,7 +131,7 @@ def test_explain_cli_zero_shot(tmp_path: Path) -> None:
 
     from fetalplanes.cli import app
 
-    image = _need(EXAMPLES) / "4CH.png"
+    image = need_shared(EXAMPLES) / "4CH.png"
     res = CliRunner().invoke(
         app,
         [
@@ -148,7 +139,7 @@ def test_explain_cli_zero_shot(tmp_path: Path) -> None:
             "--model",
             "sononet16",
             "--weights",
-            str(_need(WEIGHTS)),
+            str(need_shared(WEIGHTS)),
             str(image),
             "--out",
             str(tmp_path / "h.png"),

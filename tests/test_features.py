@@ -14,6 +14,7 @@ from fetalplanes.features import (
     BANK_FILE,
     FeatureTap,
     KnnScore,
+    feature_dim,
     feature_module,
     knn_scores,
     load_knn,
@@ -68,19 +69,11 @@ def _knn_run(folder: Path, arch: str) -> Path:
     card = ModelCard(arch, list(SEED4), pp, temperature=1.3)
     save_checkpoint(folder, model, card)
     rng = np.random.default_rng(1)
-    bank = make_bank(rng.normal(size=(40, _feature_dim(model, size))))
+    bank = make_bank(rng.normal(size=(40, feature_dim(model, size))))
     save_bank(folder, bank)
     card.rejection = {"method": "knn", "k": 3, "bank": BANK_FILE, "threshold": 0.0, "scale": 1}
     save_checkpoint(folder, model, card)
     return folder
-
-
-def _feature_dim(model: torch.nn.Module, size: tuple[int, int]) -> int:
-    tap = FeatureTap(model)
-    with torch.no_grad():
-        model(torch.rand(1, 1, *size))
-    tap.remove()
-    return int(tap.features().shape[1])
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import need_shared, shared_dir
 
 from fetalplanes.crop import crop_ultrasound, to_gray
 from fetalplanes.models.sononet import (
@@ -24,8 +24,7 @@ from fetalplanes.models.sononet import (
 
 torch.set_num_threads(2)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FETALPLANES_SHARED", REPO.parent / "shared"))
+SHARED = shared_dir()
 WEIGHTS = SHARED / "sononet" / "SonoNet16.pth"
 EXAMPLES = SHARED / "sononet" / "example_images"
 HC18 = SHARED / "hc18-sample"
@@ -49,24 +48,16 @@ EXAMPLE_LABELS = {
 }
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(
-            f"shared/ data not found at {path}: set FETALPLANES_SHARED to the shared folder"
-        )
-    return path
-
-
 @pytest.fixture(scope="module")
 def net() -> SonoNet:
-    return load_sononet_weights(SonoNet(16), _need(WEIGHTS)).eval()
+    return load_sononet_weights(SonoNet(16), need_shared(WEIGHTS)).eval()
 
 
 @pytest.fixture(scope="module")
 def frames() -> dict[str, np.ndarray]:
     from PIL import Image
 
-    files = sorted(_need(EXAMPLES).glob("*.png"))
+    files = sorted(need_shared(EXAMPLES).glob("*.png"))
     assert {f.stem for f in files} == set(EXAMPLE_LABELS)
     return {f.stem: to_gray(np.asarray(Image.open(f))) for f in files}
 
@@ -84,7 +75,7 @@ def _reference_crop(gray: np.ndarray) -> np.ndarray:
 
 
 def test_state_dict_loads_strictly():
-    state = torch.load(_need(WEIGHTS), map_location="cpu", weights_only=True)
+    state = torch.load(need_shared(WEIGHTS), map_location="cpu", weights_only=True)
     model = SonoNet(16)
     model.load_state_dict(state, strict=True)  # the raw file fits our parameter names
     loaded = load_sononet_weights(SonoNet(16), WEIGHTS).state_dict()
@@ -120,7 +111,7 @@ def test_auto_crop_classifies_examples(net, frames):
 def test_hc18_heads_fold_to_fetal_brain(net):
     from PIL import Image
 
-    files = sorted(_need(HC18).glob("*.png"))
+    files = sorted(need_shared(HC18).glob("*.png"))
     assert len(files) == 24
     probs = _predict(net, [crop_ultrasound(to_gray(np.asarray(Image.open(f)))) for f in files])
     folded, classes = fold_probabilities(probs, SEED4)
@@ -191,7 +182,7 @@ def test_wrong_weights_error_is_one_line_naming_the_file(tmp_path):
 
 def test_published_weights_refused_by_sononet32():
     with pytest.raises(ValueError, match=r"SonoNet16\.pth"):
-        load_sononet_weights(SonoNet(32), _need(WEIGHTS))
+        load_sononet_weights(SonoNet(32), need_shared(WEIGHTS))
 
 
 class _Payload:

@@ -349,18 +349,14 @@ def make_run(folder: Path, model: str, img_size: int | None) -> Path:
     """A run folder as `train` writes it, with a randomly initialised model (speed does not
     depend on weights) and a random feature bank of a full data set's size for the default
     knn not-target score, so the bench pays for everything a real run computes."""
-    from fetalplanes.features import BANK_FILE, FeatureTap, auto_k, make_bank, save_bank
+    from fetalplanes.features import BANK_FILE, auto_k, feature_dim, make_bank, save_bank
     from fetalplanes.models import create_model, get_spec
 
     spec = get_spec(model)
     pp = spec.preprocess if img_size is None else spec.preprocess.with_(size=(img_size, img_size))
     torch.manual_seed(0)
     net = create_model(model, len(SEED4), pretrained=False, input_size=pp.size).eval()
-    tap = FeatureTap(net)
-    with torch.no_grad():
-        net(torch.zeros(1, 1, *pp.size))
-    tap.remove()
-    dim = int(tap.features().shape[1])
+    dim = feature_dim(net, pp.size)
     folder.mkdir(parents=True, exist_ok=True)
     save_bank(folder, make_bank(np.random.default_rng(0).normal(size=(BENCH_BANK, dim))))
     rule = {"method": "knn", "k": auto_k(BENCH_BANK), "bank": BANK_FILE, "threshold": 0.5}

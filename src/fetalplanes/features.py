@@ -86,6 +86,17 @@ class FeatureTap:
         self.handle.remove()
 
 
+def feature_dim(model: nn.Module, size: tuple[int, int]) -> int:
+    """Length of the feature vector `FeatureTap` gives for (H, W) = `size` inputs."""
+    tap = FeatureTap(model)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 1, *size))
+        return int(tap.features().shape[1])
+    finally:
+        tap.remove()
+
+
 class KnnScore(nn.Module):
     """(N, D) features -> (N,) cosine similarity to the k-th nearest bank entry."""
 
