@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fetalplanes.images import list_images
-from fetalplanes.inference import Predictor
+from fetalplanes.data.images import list_images
+from fetalplanes.inference.predictor import Predictor
 
 NAMES = {"3VV": "3VV", "4CH": "4CH", "ABDOMINAL": "Abdominal", "BRAIN-CB": "Brain (Cb.)",
          "BRAIN-TV": "Brain (Tv.)", "FEMUR": "Femur", "KIDNEYS": "Kidneys", "LIPS": "Lips",

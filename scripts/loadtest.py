@@ -59,7 +59,7 @@ def synthetic_images(n: int = 8) -> list[tuple[str, bytes]]:
     """Ultrasound-like phantoms of each plane, as PNG bytes (no files needed)."""
     from PIL import Image
 
-    from fetalplanes.synth import SEED4, render_phantom
+    from fetalplanes.data.synth import SEED4, render_phantom
 
     rng = np.random.default_rng(0)
     out = []
@@ -71,7 +71,7 @@ def synthetic_images(n: int = 8) -> list[tuple[str, bytes]]:
 
 
 def folder_images(folder: Path) -> list[tuple[str, bytes]]:
-    from fetalplanes.images import list_images
+    from fetalplanes.data.images import list_images
 
     files = list_images([folder])
     if not files:

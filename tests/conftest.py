@@ -44,7 +44,7 @@ def need_shared(path: Path) -> Path:
 
 def make_data(tmp_path_factory: pytest.TempPathFactory, name: str, **kw) -> Path:
     """A synthetic data set (`synth.generate`, test-sized images unless `size` is given)."""
-    from fetalplanes.synth import generate
+    from fetalplanes.data.synth import generate
 
     out = tmp_path_factory.mktemp(name) / "data"
     kw.setdefault("size", SMALL)
@@ -60,7 +60,7 @@ def seed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fpdb_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fetalplanes.data import PLANES
+    from fetalplanes.data.datasets import PLANES
 
     return make_data(tmp_path_factory, "fpdb", per_class=12, fmt="fpdb", seed=1, planes=PLANES)
 
@@ -73,7 +73,7 @@ def folders_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, seed_data: Path) -> Path:
     """A small but real training run shared by evaluate/predict/sort/serve tests."""
-    from fetalplanes.train import TrainConfig, train
+    from fetalplanes.engine.train import TrainConfig, train
 
     cfg = TrainConfig(**FAST)
     out = tmp_path_factory.mktemp("run") / "run"
@@ -87,7 +87,7 @@ def scans(tmp_path: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from fetalplanes.synth import SEED4, render_phantom
+    from fetalplanes.data.synth import SEED4, render_phantom
 
     folder = tmp_path / "scans"
     folder.mkdir()
@@ -95,3 +95,25 @@ def scans(tmp_path: Path) -> Path:
     for i, plane in enumerate([p for p in SEED4 for _ in range(2)]):
         Image.fromarray(render_phantom(plane, rng, size=SMALL)).save(folder / f"scan_{i}.png")
     return folder
+
+
+def onnx_predictor(run: Path, backend: str = "onnx", **kw):
+    """A predictor on the ONNX backend, exporting first as the CLI does (inference itself
+    never writes into a run folder)."""
+    from fetalplanes.inference.predictor import Predictor
+    from fetalplanes.tools.export import ensure_onnx
+
+    ensure_onnx(run, int8=backend == "onnx-int8")
+    return Predictor.from_run(run, backend=backend, **kw)
+
+
+#: Fixtures that train a model (or several): a test using one is in the slow lane.
+TRAINING_FIXTURES = {"trained_run", "seed_run", "calib_run", "cv_out", "seed_cnn_run"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that trains (directly or through a shared fixture) as slow, so
+    `pytest -m "not slow"` is the fast lane; `bash scripts/test.sh` still runs all."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -13,8 +13,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fetalplanes import cli_speed
-from fetalplanes.bench import BenchOptions, BenchReport, MemorySampler, Row, make_plan, process_tree
+from fetalplanes.cli import app as main_app
+from fetalplanes.tools.bench import (
+    BenchOptions,
+    BenchReport,
+    MemorySampler,
+    Row,
+    make_plan,
+    process_tree,
+)
 
 EXPECTED = [
     "model_torch_img_s",
@@ -47,15 +54,10 @@ EXPECTED_ONNX = [
 
 @pytest.fixture()
 def app() -> typer.Typer:
-    """Only this module's commands, so unrelated commands cannot break these tests."""
-    a = typer.Typer()
-    cli_speed.register(a)
-    return a
+    return main_app
 
 
 def test_commands_registered_on_the_main_cli() -> None:
-    from fetalplanes.cli import app as main_app
-
     names = {c.name for c in main_app.registered_commands}
     assert {"export", "bench", "cache"} <= names
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fetalplanes.cache import load_arrays
-from fetalplanes.transforms import Preprocess
+from fetalplanes.data.cache import load_arrays
+from fetalplanes.data.preprocess import Preprocess
 
 
 def _write(folder: Path, n: int, seed: int = 0) -> list[Path]:

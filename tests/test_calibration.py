@@ -11,7 +11,8 @@ import pytest
 from conftest import SMALL, make_data
 from PIL import Image
 
-from fetalplanes.calibration import (
+from fetalplanes.engine.metrics import expected_calibration_error
+from fetalplanes.inference.calibration import (
     SCORES,
     calibrated_probs,
     fit_rejection,
@@ -20,7 +21,7 @@ from fetalplanes.calibration import (
     ood_score,
     rejection_margin,
 )
-from fetalplanes.metrics import expected_calibration_error
+from fetalplanes.inference.outputs import Outputs
 
 
 def sample_logits(n: int, scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +58,9 @@ def test_temperature_stays_finite_on_separable_validation() -> None:
 
 
 def _with_feature_column(logits: np.ndarray) -> np.ndarray:
-    """Outputs as a run with a feature bank gives them: logits, then the knn score (here
-    a stand-in: the max logit)."""
-    return np.concatenate([logits, logits.max(axis=1, keepdims=True)], axis=1)
+    """Outputs as a run with a feature bank gives them: logits and the knn score (here a
+    stand-in: the max logit)."""
+    return Outputs(logits, logits.max(axis=1))
 
 
 @pytest.mark.parametrize("method", SCORES)
@@ -67,39 +68,39 @@ def test_rejection_keeps_the_target_recall(method: str) -> None:
     val_logits, _ = sample_logits(2000, 2.0, seed=3)
     test_logits, _ = sample_logits(4000, 2.0, seed=4)
     far = np.full((5, 4), -3.0)  # uniformly low logits: nothing like a trained plane
-    n = None
-    if method == "knn":
-        val_logits, test_logits, far = map(_with_feature_column, (val_logits, test_logits, far))
-        n = 4
-    rule = fit_rejection(val_logits, 1.5, recall=0.95, method=method, n_classes=n)
+    wrap = _with_feature_column if method == "knn" else Outputs
+    val_out, test_out, far_out = map(wrap, (val_logits, test_logits, far))
+    rule = fit_rejection(val_out, 1.5, recall=0.95, method=method)
     assert rule["method"] == method and rule["scale"] > 0 and rule["n"] == 2000
-    rejected = is_not_target(test_logits, 1.5, rule, n)
+    rejected = is_not_target(test_out, 1.5, rule)
     assert 1 - rejected.mean() == pytest.approx(0.95, abs=0.015)
-    margin = rejection_margin(test_logits, 1.5, rule, n)
+    margin = rejection_margin(test_out, 1.5, rule)
     np.testing.assert_array_equal(margin < 0, rejected)
     if method != "msp":
-        assert is_not_target(far, 1.5, rule, n).all()
+        assert is_not_target(far_out, 1.5, rule).all()
 
 
 def test_outputs_split_into_logits_and_feature_score() -> None:
     logits, _ = sample_logits(10, 1.0, seed=0)
     outputs = _with_feature_column(logits)
-    for method in ("energy", "msp", "maxlogit"):  # the extra column never leaks into these
+    for method in ("energy", "msp", "maxlogit"):  # the model's score never leaks into these
         np.testing.assert_allclose(
-            ood_score(outputs, 1.3, method, n_classes=4), ood_score(logits, 1.3, method)
+            ood_score(outputs, 1.3, method), ood_score(Outputs(logits), 1.3, method)
         )
-    np.testing.assert_allclose(ood_score(outputs, 1.0, "knn", 4), logits.max(axis=1))
-    with pytest.raises(ValueError, match="feature bank"):
-        ood_score(logits, 1.0, "knn", 4)
+    np.testing.assert_allclose(ood_score(outputs, 1.0, "knn"), logits.max(axis=1))
+    with pytest.raises(ValueError, match="model that computes it"):
+        ood_score(Outputs(logits), 1.0, "knn")
+    with pytest.raises(ValueError, match="scores for"):
+        Outputs(logits, np.zeros(3))
 
 
 def test_rejection_edge_cases() -> None:
-    assert fit_rejection(np.zeros((0, 4)), 1.0) == {}
-    assert not is_not_target(np.zeros((3, 4)), 1.0, {}).any()
+    assert fit_rejection(Outputs(np.zeros((0, 4))), 1.0) == {}
+    assert not is_not_target(Outputs(np.zeros((3, 4))), 1.0, {}).any()
     with pytest.raises(ValueError, match="unknown rejection score"):
-        ood_score(np.zeros((1, 4)), 1.0, "entropy")
+        ood_score(Outputs(np.zeros((1, 4))), 1.0, "entropy")
     with pytest.raises(ValueError, match="recall"):
-        fit_rejection(np.zeros((3, 4)), 1.0, recall=0.0)
+        fit_rejection(Outputs(np.zeros((3, 4))), 1.0, recall=0.0)
 
 
 # ---------------------------------------------------------------- a trained model
@@ -123,7 +124,7 @@ CALIB = dict(
 
 @pytest.fixture(scope="module")
 def calib_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fetalplanes.train import TrainConfig, train
+    from fetalplanes.engine.train import TrainConfig, train
 
     # 120 per plane: with 60, validation held ~56 images and ECE after scaling ranged
     # 0.020-0.042 over training seeds; with 120 it was 0.009-0.016 (docs/trust.md)
@@ -151,7 +152,7 @@ SKIMAGE_SAMPLES = (
 def not_ultrasound(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-image's bundled sample images and uniform noise of several sizes."""
     data = pytest.importorskip("skimage.data")
-    from fetalplanes.crop import to_gray
+    from fetalplanes.data.crop import to_gray
 
     folder = tmp_path_factory.mktemp("photos")
     for name in SKIMAGE_SAMPLES:
@@ -163,7 +164,7 @@ def not_ultrasound(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _phantoms(folder: Path, plane: str, n: int, seed: int) -> Path:
-    from fetalplanes.synth import render_phantom
+    from fetalplanes.data.synth import render_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -173,7 +174,7 @@ def _phantoms(folder: Path, plane: str, n: int, seed: int) -> Path:
 
 
 def test_calibration_on_unseen_patients(calib_run: Path, unseen: Path, tmp_path: Path) -> None:
-    from fetalplanes.evaluate import evaluate
+    from fetalplanes.engine.evaluate import evaluate
 
     m = evaluate(calib_run, unseen, out=tmp_path / "ev", progress=False).metrics
     print(
@@ -191,12 +192,12 @@ def test_calibration_on_unseen_patients(calib_run: Path, unseen: Path, tmp_path:
 def test_rejection_of_photos_noise_and_unseen_planes(
     calib_run: Path, unseen: Path, not_ultrasound: Path, tmp_path: Path
 ) -> None:
-    from fetalplanes.inference import Predictor
-    from fetalplanes.ood import evaluate_ood, folder_logits
+    from fetalplanes.engine.ood import evaluate_ood, folder_outputs
+    from fetalplanes.inference.predictor import Predictor
 
     predictor = Predictor.from_run(calib_run, device="cpu")
     assert predictor.card.rejection["method"] == "knn"
-    in_logits, _ = folder_logits(predictor, unseen)
+    in_logits, _ = folder_outputs(predictor, unseen)
     cervix = _phantoms(tmp_path / "cervix", "Maternal cervix", 30, seed=7)
     other = _phantoms(tmp_path / "other", "Other", 30, seed=8)
     found = {}
@@ -215,8 +216,8 @@ def test_rejection_of_photos_noise_and_unseen_planes(
 def test_sort_sends_rejected_images_to_not_target(
     calib_run: Path, not_ultrasound: Path, tmp_path: Path
 ) -> None:
-    from fetalplanes.inference import Predictor
+    from fetalplanes.inference.predictor import Predictor
 
     preds = Predictor.from_run(calib_run, device="cpu").predict([not_ultrasound])
     rejected = [p for p in preds if p.not_target]
-    assert all(p.label == "not_target" and p.score is not None for p in rejected)
+    assert all(p.label == "not_target" and p.rejection_score is not None for p in rejected)

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fetalplanes.checkpoint import (
+from fetalplanes.errors import CheckpointError
+from fetalplanes.models import create_model, get_spec
+from fetalplanes.models.checkpoint import (
     ModelCard,
     load_card,
     load_checkpoint,
-    load_weights_file,
     save_checkpoint,
 )
-from fetalplanes.errors import CheckpointError
-from fetalplanes.models import create_model, get_spec
+from fetalplanes.models.weights import load_weights_file
 
 
 def _card() -> ModelCard:
@@ -58,3 +58,19 @@ def test_weights_only_refuses_pickled_objects(tmp_path: Path) -> None:
         load_weights_file(p)
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
     assert torch.equal(load_weights_file(tmp_path / "ok.pth")["w"], torch.ones(2))
+
+
+def test_run_files_follow_the_umask(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; run files must be readable by colleagues (umask 022)."""
+    import os
+
+    from fetalplanes.data.preprocess import Preprocess
+    from fetalplanes.models.card import ModelCard, save_card
+
+    old = os.umask(0o022)
+    try:
+        save_card(tmp_path, ModelCard("seed-cnn", ["a", "b"], Preprocess(size=(32, 32))))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.json").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))

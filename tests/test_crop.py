@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import need_shared, shared_dir
 
-from fetalplanes.crop import crop_ultrasound, find_ultrasound_region, to_gray
+from fetalplanes.data.crop import crop_ultrasound, find_ultrasound_region, to_gray
 
 torch.set_num_threads(2)
 

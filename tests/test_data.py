@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fetalplanes.data import (
+from fetalplanes.data.datasets import (
     PRESETS,
     Sample,
     canonical_plane,
@@ -179,3 +179,18 @@ def test_kfold_partitions_patients() -> None:
     flat = [p for f in folds for p in f]
     assert len(flat) == len(set(flat)) == 30
     assert all(8 <= len(f) <= 12 for f in folds)
+
+
+def test_origin_layout_as_a_user_types_it(seed_data: Path, tmp_path: Path) -> None:
+    """image_label.csv beside train_test/: `--labels` with DATA=train_test, and DATA=."""
+    import shutil
+
+    from fetalplanes.data.datasets import load_dataset
+
+    shutil.copytree(seed_data / "images", tmp_path / "train_test")
+    shutil.copy(seed_data / "image_label.csv", tmp_path / "image_label.csv")
+    expected = len(load_dataset(seed_data).samples)
+    a = load_dataset(tmp_path / "train_test", tmp_path / "image_label.csv")
+    b = load_dataset(tmp_path)
+    assert len(a.samples) == len(b.samples) == expected and not a.missing and not b.missing
+    assert all(s.path.parent.name == "train_test" for s in b.samples)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from conftest import SMALL, make_data
 
-from fetalplanes.calibration import calibrated_probs, rejection_margin
-from fetalplanes.crossval import cross_validate, fold_splits
-from fetalplanes.data import load_dataset
-from fetalplanes.ensemble import ensemble_predictor, is_ensemble_dir, member_runs
+from fetalplanes.data.datasets import load_dataset
+from fetalplanes.engine.crossval import cross_validate, fold_splits
+from fetalplanes.engine.evaluate import evaluate
+from fetalplanes.engine.train import TrainConfig
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.evaluate import evaluate
-from fetalplanes.inference import Predictor
-from fetalplanes.train import TrainConfig
+from fetalplanes.inference.calibration import calibrated_probs, rejection_margin
+from fetalplanes.inference.ensemble import is_ensemble_dir, member_runs
+from fetalplanes.inference.predictor import Predictor
 
 CV = dict(
     model="efficientnet_lite0",
@@ -78,7 +78,7 @@ def test_crossval_writes_summary(cv_out: Path) -> None:
 def test_ensemble_beats_its_members_on_new_patients(
     cv_out: Path, heldout: Path, tmp_path: Path
 ) -> None:
-    ens = ensemble_predictor([cv_out], device="cpu")
+    ens = Predictor.from_ensemble([cv_out], device="cpu")
     assert ens.card.temperature == 1.0 and ens.card.split == {}
     members = {}
     for run in member_runs(cv_out):
@@ -98,32 +98,34 @@ def test_ensemble_beats_its_members_on_new_patients(
 def test_ensemble_outputs_are_mean_probabilities_and_mean_margins(
     cv_out: Path, heldout: Path
 ) -> None:
-    ens = ensemble_predictor(member_runs(cv_out), device="cpu")
+    ens = Predictor.from_ensemble(member_runs(cv_out), device="cpu")
     data = load_dataset(heldout)
     pixels = np.stack([ens.pp.prepare(s.path) for s in data.samples[:12]])
-    logits = ens.logits_arrays(pixels)
+    out = ens.outputs(pixels)
     probs, margins = [], []
-    for m in ens.backend.members:
-        raw = m.logits_arrays(pixels)  # logits, then the knn score column
-        n = len(m.classes)
-        assert raw.shape == (12, n + 1) and m.card.rejection["method"] == "knn"
-        probs.append(calibrated_probs(raw[:, :n], m.card.temperature))
-        margins.append(rejection_margin(raw, m.card.temperature, m.card.rejection, n))
-    np.testing.assert_allclose(calibrated_probs(logits), np.mean(probs, 0), atol=1e-5)
-    preds = ens._results([f"x{i}" for i in range(12)], logits)
+    for backend, card in ens.backend.members:
+        raw = backend.outputs(pixels)  # logits and the knn score
+        assert raw.logits.shape == (12, len(card.classes)) and raw.score is not None
+        assert card.rejection["method"] == "knn"
+        probs.append(calibrated_probs(raw.logits, card.temperature))
+        margins.append(rejection_margin(raw, card.temperature, card.rejection))
+    np.testing.assert_allclose(calibrated_probs(out.logits), np.mean(probs, 0), atol=1e-5)
+    assert ens.card.rejection["method"] == "margin" and ens.card.rejection["threshold"] == 0
+    preds = ens.results([f"x{i}" for i in range(12)], out)
     np.testing.assert_array_equal([p.not_target for p in preds], np.mean(margins, 0) < 0)
-    np.testing.assert_allclose([p.score for p in preds], np.mean(margins, 0), atol=1e-4)
+    np.testing.assert_allclose([p.rejection_score for p in preds], np.mean(margins, 0),
+                               atol=1e-4)
 
 
 def test_ensemble_heatmap_and_errors(cv_out: Path, heldout: Path, tmp_path: Path) -> None:
-    from fetalplanes.explain import heatmap
-    from fetalplanes.images import read_image
+    from fetalplanes.data.images import read_image
+    from fetalplanes.inference.explain import heatmap
 
-    ens = ensemble_predictor([cv_out], device="cpu")
+    ens = Predictor.from_ensemble([cv_out], device="cpu")
     heat = heatmap(ens, read_image(load_dataset(heldout).samples[0].path))
     assert heat.shape == tuple(ens.pp.size) and 0 <= heat.min() <= heat.max() <= 1
     with pytest.raises(FetalPlanesError, match="at least two"):
-        ensemble_predictor([cv_out / "fold-1"])
+        Predictor.from_ensemble([cv_out / "fold-1"])
     odd = tmp_path / "odd"
     (odd / "a").mkdir(parents=True)
     assert not is_ensemble_dir(odd) and Predictor is not None

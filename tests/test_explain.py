@@ -12,8 +12,8 @@ from PIL import Image
 from scipy import ndimage
 
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.explain import explain_file, heatmap, overlay_png, prepare, resolve_layer
-from fetalplanes.inference import Predictor
+from fetalplanes.inference.explain import explain_file, heatmap, overlay_png, prepare, resolve_layer
+from fetalplanes.inference.predictor import Predictor
 
 SHARED = shared_dir()
 WEIGHTS = SHARED / "sononet" / "SonoNet16.pth"
@@ -41,7 +41,7 @@ def sononet() -> Predictor:
 
 
 def test_heat_inside_the_sector_on_sononet_examples(sononet: Predictor) -> None:
-    from fetalplanes.crop import to_gray
+    from fetalplanes.data.crop import to_gray
 
     files = sorted(need_shared(EXAMPLES).glob("*.png"))
     assert len(files) == 13
@@ -78,7 +78,7 @@ def test_gradcam_layers_resolve(name: str) -> None:
 @pytest.fixture(scope="module")
 def seed_cnn_run(tmp_path_factory: pytest.TempPathFactory, folders_data: Path) -> Path:
     """The origin's CNN at 64 px, two epochs: enough for a non-trivial map."""
-    from fetalplanes.train import TrainConfig, train
+    from fetalplanes.engine.train import TrainConfig, train
 
     cfg = TrainConfig(
         model="seed-cnn",

@@ -14,14 +14,15 @@ import torch
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from conftest import shared_dir  # noqa: E402
+from conftest import onnx_predictor, shared_dir  # noqa: E402
 
-from fetalplanes.checkpoint import ModelCard, save_checkpoint  # noqa: E402
-from fetalplanes.errors import FetalPlanesError  # noqa: E402
-from fetalplanes.export import OnnxBackend, export_onnx, load_onnx_card  # noqa: E402
-from fetalplanes.inference import Predictor  # noqa: E402
+from fetalplanes.data.synth import SEED4, render_phantom  # noqa: E402
+from fetalplanes.errors import CheckpointError, FetalPlanesError  # noqa: E402
+from fetalplanes.inference.onnx import OnnxBackend  # noqa: E402
+from fetalplanes.inference.predictor import Predictor  # noqa: E402
 from fetalplanes.models import create_model, get_spec  # noqa: E402
-from fetalplanes.synth import SEED4, render_phantom  # noqa: E402
+from fetalplanes.models.checkpoint import ModelCard, save_checkpoint  # noqa: E402
+from fetalplanes.tools.export import ensure_onnx, export_onnx  # noqa: E402
 
 TOL = 1e-4  # max absolute probability difference between the backends
 
@@ -71,9 +72,10 @@ def test_export_file_opset_and_dynamic_batch(seed_run: Path) -> None:
     backend = OnnxBackend(path)
     for n in (1, 5):
         pixels = np.random.default_rng(n).integers(0, 256, (n, 96, 96), dtype=np.uint8)
-        assert backend.logits(pixels).shape == (n, 4)
+        assert backend.outputs(pixels).logits.shape == (n, 4)
     backend.max_batch = 2  # chunked batches give the same logits
-    assert np.allclose(backend.logits(pixels), OnnxBackend(path).logits(pixels), atol=1e-5)
+    again = OnnxBackend(path).outputs(pixels).logits
+    assert np.allclose(backend.outputs(pixels).logits, again, atol=1e-5)
 
 
 def test_export_to_another_file_and_old_opset(seed_run: Path, tmp_path: Path) -> None:
@@ -90,7 +92,7 @@ def test_parity_on_synthetic_images(run_name: str, request: pytest.FixtureReques
     run = request.getfixturevalue(run_name)
     images = _phantoms()
     a = Predictor.from_run(run, backend="torch", device="cpu").predict_arrays(images)
-    b = Predictor.from_run(run, backend="onnx").predict_arrays(images)
+    b = onnx_predictor(run, backend="onnx").predict_arrays(images)
     assert _max_prob_diff(a, b) < TOL
     assert [r.label for r in a] == [r.label for r in b]
 
@@ -103,7 +105,7 @@ def test_parity_on_real_images(run_name: str, request: pytest.FixtureRequest) ->
     files = sorted(folder.glob("*.png"))[:6]
     run = request.getfixturevalue(run_name)
     a = list(Predictor.from_run(run, device="cpu").predict_paths(files, workers=0))
-    b = list(Predictor.from_run(run, backend="onnx").predict_paths(files, workers=0))
+    b = list(onnx_predictor(run, backend="onnx").predict_paths(files, workers=0))
     assert all(r.ok for r in a + b)
     assert _max_prob_diff(a, b) < TOL
 
@@ -111,15 +113,15 @@ def test_parity_on_real_images(run_name: str, request: pytest.FixtureRequest) ->
 def test_tta_parity(seed_run: Path) -> None:
     images = _phantoms(3)
     a = Predictor.from_run(seed_run, device="cpu", tta=True).predict_arrays(images)
-    b = Predictor.from_run(seed_run, backend="onnx", tta=True).predict_arrays(images)
-    plain = Predictor.from_run(seed_run, backend="onnx").predict_arrays(images)
+    b = onnx_predictor(seed_run, backend="onnx", tta=True).predict_arrays(images)
+    plain = onnx_predictor(seed_run, backend="onnx").predict_arrays(images)
     assert _max_prob_diff(a, b) < TOL
     assert _max_prob_diff(b, plain) > TOL  # TTA really changed something
 
 
 def test_onnx_predictor_labels_equal_torch(trained_run: Path, scans: Path) -> None:
     a = Predictor.from_run(trained_run, device="cpu").predict([scans])
-    b = Predictor.from_run(trained_run, backend="onnx").predict([scans])
+    b = onnx_predictor(trained_run, backend="onnx").predict([scans])
     assert len(a) == 8 and [r.label for r in a] == [r.label for r in b]
     assert [r.not_target for r in a] == [r.not_target for r in b]
 
@@ -129,38 +131,42 @@ def test_missing_or_stale_onnx_is_reexported(seed_run: Path, tmp_path: Path) -> 
     shutil.copytree(seed_run, run)
     onnx_file = run / "model.onnx"
     onnx_file.unlink(missing_ok=True)
-    card = load_onnx_card(run)  # missing -> exported
+    with pytest.raises(CheckpointError, match="fetalplanes export"):
+        OnnxBackend.from_run(run)  # inference never writes into the run folder
+    assert not onnx_file.exists()
+    _, card = ensure_onnx(run)  # missing -> exported (what the CLI does first)
     assert card.classes == list(SEED4) and onnx_file.is_file()
 
     first = onnx_file.stat().st_mtime_ns
-    load_onnx_card(run)  # current -> left alone
+    ensure_onnx(run)  # current -> left alone
     assert onnx_file.stat().st_mtime_ns == first
 
     weights = run / "weights.safetensors"
     older = weights.stat().st_mtime - 10
-    os.utime(onnx_file, (older, older))  # graph older than the weights -> re-exported
-    OnnxBackend.from_run(run)
+    os.utime(onnx_file, (older, older))  # graph older than the weights -> stale
+    with pytest.raises(CheckpointError, match="older than the weights"):
+        OnnxBackend.from_run(run)
+    ensure_onnx(run)
     assert onnx_file.stat().st_mtime_ns >= weights.stat().st_mtime_ns
 
     side = json.loads((run / "model.json").read_text())
     side["preprocess"]["mean"] = 0.5  # normalisation is inside the graph: must follow
     (run / "model.json").write_text(json.dumps(side))
     before = Predictor.from_run(run, device="cpu").predict_arrays(_phantoms(2))
-    after = Predictor.from_run(run, backend="onnx").predict_arrays(_phantoms(2))
+    ensure_onnx(run)
+    after = onnx_predictor(run, backend="onnx").predict_arrays(_phantoms(2))
     assert _max_prob_diff(before, after) < TOL
 
     onnx_file.write_bytes(b"not a graph")  # garbage newer than the weights -> re-exported
-    assert OnnxBackend.from_run(run).logits(np.zeros((1, 96, 96), np.uint8)).shape == (1, 4)
+    ensure_onnx(run)
+    out = OnnxBackend.from_run(run).outputs(np.zeros((1, 96, 96), np.uint8))
+    assert out.logits.shape == (1, 4)
 
 
 def test_export_cli(seed_run: Path, tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from fetalplanes import cli_speed
-
-    app = typer.Typer()
-    cli_speed.register(app)
+    from fetalplanes.cli import app
     out = tmp_path / "m.onnx"
     res = CliRunner().invoke(app, ["export", str(seed_run), "--out", str(out), "--opset", "17"])
     assert res.exit_code == 0, res.output
@@ -178,7 +184,7 @@ def test_model_in_decode_workers_matches_main_process(
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     files = [*files[:3], bad, *files[3:]]
-    p = Predictor.from_run(trained_run, backend="onnx", tta=tta)
+    p = onnx_predictor(trained_run, backend="onnx", tta=tta)
     inline = list(p.predict_paths(files, workers=0))
     main_calls: list[int] = []
     own = p.backend.logits
@@ -196,16 +202,17 @@ def test_int8_export_follows_the_float_model(
     trained_run: Path, seed_data: Path, tmp_path: Path
 ) -> None:
     """int8 is an approximation: same classes, most labels equal, knn score close."""
-    from fetalplanes.export import INT8_FILE, export_int8, onnx_is_current
+    from fetalplanes.inference.onnx import INT8_FILE, onnx_is_current
+    from fetalplanes.tools.export import export_int8
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     path = export_int8(run)  # calibrated on the run's recorded training data
-    assert path == run / INT8_FILE and onnx_is_current(run, load_onnx_card(run), int8=True)
+    assert path == run / INT8_FILE and onnx_is_current(run, ensure_onnx(run)[1], int8=True)
     assert path.stat().st_size < (run / "model.onnx").stat().st_size / 2
     files = sorted(seed_data.rglob("*.png"))[:40]
-    fp32 = list(Predictor.from_run(run, backend="onnx").predict_paths(files, workers=0))
-    int8 = list(Predictor.from_run(run, backend="onnx-int8").predict_paths(files, workers=0))
+    fp32 = list(onnx_predictor(run, backend="onnx").predict_paths(files, workers=0))
+    int8 = list(onnx_predictor(run, backend="onnx-int8").predict_paths(files, workers=0))
     agree = np.mean([a.label == b.label for a, b in zip(fp32, int8, strict=True)])
     diffs = [abs((a.score or 0) - (b.score or 0)) for a, b in zip(fp32, int8, strict=True)]
     print(
@@ -219,19 +226,15 @@ def test_int8_export_follows_the_float_model(
 
 
 def test_int8_needs_calibration_images(seed_run: Path, tmp_path: Path, scans: Path) -> None:
-    from fetalplanes.export import export_int8
+    from fetalplanes.tools.export import export_int8
 
     run = tmp_path / "run"
     shutil.copytree(seed_run, run)  # its card records no data folder
     with pytest.raises(FetalPlanesError, match="--calibration"):
         export_int8(run)
-    import typer
     from typer.testing import CliRunner
 
-    from fetalplanes import cli_speed
-
-    app = typer.Typer()
-    cli_speed.register(app)
+    from fetalplanes.cli import app
     res = CliRunner().invoke(app, ["export", str(run), "--int8", "--calibration", str(scans)])
     assert res.exit_code == 0, res.output
     assert "onnx-int8" in res.output and (run / "model.int8.onnx").is_file()

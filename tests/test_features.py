@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import onnx_predictor
 
-from fetalplanes.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from fetalplanes.data.synth import SEED4, render_phantom
 from fetalplanes.errors import CheckpointError
-from fetalplanes.features import (
+from fetalplanes.inference.rejection import (
     BANK_FILE,
     FeatureTap,
     KnnScore,
@@ -23,7 +24,7 @@ from fetalplanes.features import (
     stored_bank,
 )
 from fetalplanes.models import create_model, get_spec
-from fetalplanes.synth import SEED4, render_phantom
+from fetalplanes.models.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 
 FAMILIES = {"seed-cnn": (64, 64), "efficientnet_lite0": (64, 64), "sononet16": (64, 80)}
 
@@ -79,13 +80,13 @@ def _knn_run(folder: Path, arch: str) -> Path:
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_torch_and_onnx_give_the_same_knn_score(arch: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from fetalplanes.inference import Predictor
+    from fetalplanes.inference.predictor import Predictor
 
     run = _knn_run(tmp_path / "run", arch)
     rng = np.random.default_rng(2)
     images = [render_phantom(SEED4[i % 4], rng, size=(135, 200)) for i in range(4)]
     a = Predictor.from_run(run, device="cpu").predict_arrays(images)
-    b = Predictor.from_run(run, backend="onnx").predict_arrays(images)
+    b = onnx_predictor(run, backend="onnx").predict_arrays(images)
     for x, y in zip(a, b, strict=True):
         assert x.score is not None and y.score is not None
         assert abs(x.score - y.score) < 1e-4

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fetalplanes.data.images import decode_image, list_images, read_image
 from fetalplanes.errors import ImageError
-from fetalplanes.images import decode_image, list_images, read_image
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -33,7 +33,7 @@ def test_gray_rgb_and_16bit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA"])
 def test_fast_png_path_gives_pillows_pixels(mode: str, capfd: pytest.CaptureFixture[str]) -> None:
     """OpenCV decodes plain 8-bit PNGs for speed; pixels must equal the Pillow path's."""
-    from fetalplanes.images import _decode_png_fast, _pil_to_gray
+    from fetalplanes.data.images import _decode_png_fast, _pil_to_gray
 
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode)
@@ -80,7 +80,7 @@ def test_truncated_and_missing(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fetalplanes.images as images
+    import fetalplanes.data.images as images
 
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
     with pytest.raises(ImageError, match="too large"):

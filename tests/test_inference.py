@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fetalplanes.inference import Predictor
+from fetalplanes.inference.predictor import Predictor
 
 
 def test_predict_folder(trained_run: Path, scans: Path) -> None:

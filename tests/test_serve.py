@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from fetalplanes.inference import Predictor
+from fetalplanes.inference.predictor import Predictor
 from fetalplanes.serving import ServeSettings, create_app, exposure_warning, is_loopback
 from fetalplanes.serving.app import finite
 from fetalplanes.serving.batching import MicroBatcher
@@ -33,7 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class FakeExplainer:
-    """Stands in for fetalplanes.explain: a gray PNG, and records the requested targets."""
+    """Stands in for Grad-CAM: a gray PNG, and records the requested targets."""
 
     available = True
     reason = None
@@ -362,7 +362,7 @@ def test_explain_unavailable_says_why(client: TestClient, scans: Path) -> None:
 
 
 def test_default_explainer_uses_fetalplanes_explain(predictor: Predictor, scans: Path) -> None:
-    """Whatever state fetalplanes.explain is in, the answer is a heat map or a reason."""
+    """Whatever state fetalplanes.inference.explain is in, the answer is a heat map or a reason."""
     default = ModuleExplainer()
     with TestClient(create_app(predictor)) as c:
         info = c.get("/api/v1/model").json()["explain"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fetalplanes.inference import Predictor
+from fetalplanes.inference.predictor import Predictor
 from fetalplanes.serving import ServeSettings, create_app
 from fetalplanes.serving.explainer import ModuleExplainer
 

@@ -22,12 +22,13 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from fetalplanes.checkpoint import ModelCard  # noqa: E402
-from fetalplanes.data import PLANES  # noqa: E402
-from fetalplanes.inference import Predictor, TorchBackend  # noqa: E402
+from fetalplanes.data.datasets import PLANES  # noqa: E402
+from fetalplanes.data.transforms import Preprocess  # noqa: E402
+from fetalplanes.inference.backends import TorchBackend  # noqa: E402
+from fetalplanes.inference.predictor import Predictor  # noqa: E402
 from fetalplanes.models import create_model  # noqa: E402
+from fetalplanes.models.checkpoint import ModelCard  # noqa: E402
 from fetalplanes.serving import ServeSettings, create_app  # noqa: E402
-from fetalplanes.transforms import Preprocess  # noqa: E402
 
 CHECKS = [
     not_a_server_error,

@@ -8,8 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from fetalplanes.inference import Predictor
-from fetalplanes.sorting import safe_copy, sort_images
+from fetalplanes.inference.predictor import Predictor
+from fetalplanes.inference.sorting import safe_copy, sort_images
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
@@ -28,8 +28,8 @@ def test_sort_copies_to_predicted_folder(trained_run: Path, scans: Path, tmp_pat
     assert len(rows) == 8
     predicted = {Path(r.path).name: r.label for r in pred.predict([scans])}
     for r in rows:
-        assert r["destination"].split("/")[0] == predicted[Path(r["source"]).name]
-        assert (out / r["destination"]).read_bytes() == Path(r["source"]).read_bytes()
+        assert r["destination"].split("/")[0] == predicted[Path(r["path"]).name]
+        assert (out / r["destination"]).read_bytes() == Path(r["path"]).read_bytes()
         assert abs(sum(float(r[f"p_{c}"]) for c in pred.classes) - 1) < 1e-4
 
 

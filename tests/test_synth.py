@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fetalplanes.synth import (
+from fetalplanes.data.synth import (
     BRAIN_PLANES,
     FPDB_HEADER,
     PLANES,

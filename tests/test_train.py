@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from fetalplanes.data import load_dataset
+from fetalplanes.data.datasets import load_dataset
+from fetalplanes.engine.evaluate import evaluate
+from fetalplanes.engine.train import TrainConfig, lr_at, train
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.evaluate import evaluate
-from fetalplanes.train import TrainConfig, lr_at, train
 
 
 def test_run_folder_contents(trained_run: Path) -> None:
@@ -43,6 +43,7 @@ def test_training_learns_on_unseen_patients(trained_run: Path) -> None:
     assert m["n_images"] == len(data.subset(test_patients))
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed(seed_data: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(**(FAST | {"epochs": 1, "img_size": (48, 48)}))
     a = train(seed_data, config=cfg, out=tmp_path / "a", progress=False)
@@ -59,6 +60,7 @@ def test_refuses_to_overwrite_a_run(seed_data: Path, trained_run: Path) -> None:
         train(seed_data, config=TrainConfig(**FAST), out=trained_run, progress=False)
 
 
+@pytest.mark.slow
 def test_unreadable_training_image_is_skipped(seed_data: Path, tmp_path: Path) -> None:
     import shutil
 

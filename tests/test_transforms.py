@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fetalplanes.transforms import (
+from fetalplanes.data.preprocess import Preprocess
+from fetalplanes.data.transforms import (
     AugmentConfig,
     BatchAugment,
-    Preprocess,
     get_augment,
     normalize,
     to_batch,

@@ -8,23 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from fetalplanes.engine.train import TrainConfig
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.train import TrainConfig
 
 pytest.importorskip("optuna")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fetalplanes.synth import generate
+    from fetalplanes.data.synth import generate
 
     out = tmp_path_factory.mktemp("tune") / "data"
     generate(out, per_class=12, fmt="seed", seed=41, size=(96, 128), progress=False)
     return out
 
 
+@pytest.mark.slow
 def test_tune_end_to_end(tiny: Path, tmp_path: Path) -> None:
-    from fetalplanes.tune import SearchSpace, supports_on_epoch, tune
+    from fetalplanes.engine.tune import SearchSpace, supports_on_epoch, tune
 
     base = TrainConfig(img_size=(48, 48), epochs=2, batch_size=16, workers=0, cache=True)
     space = SearchSpace(models=("efficientnet_lite0", "seed-cnn"))
@@ -44,7 +45,7 @@ def test_tune_end_to_end(tiny: Path, tmp_path: Path) -> None:
 def test_pruning_callback_raises_trial_pruned() -> None:
     import optuna
 
-    from fetalplanes.tune import _pruning_callback
+    from fetalplanes.engine.tune import _pruning_callback
 
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))
     trial = study.ask()
@@ -55,7 +56,7 @@ def test_pruning_callback_raises_trial_pruned() -> None:
 
 
 def test_tune_refuses_bad_arguments(tiny: Path, tmp_path: Path) -> None:
-    from fetalplanes.tune import tune
+    from fetalplanes.engine.tune import tune
 
     with pytest.raises(FetalPlanesError, match="at least 1"):
         tune(tiny, trials=0, out=tmp_path / "a")

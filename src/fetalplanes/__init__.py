@@ -2,53 +2,66 @@
 
 The command line (`fetalplanes ...`) is a thin layer over this Python API:
 
-    from fetalplanes import load_dataset, train, TrainConfig, evaluate, Predictor, sort_images
-    result = train("data/", config=TrainConfig(model="efficientnet_lite0", epochs=10))
-    evaluate(result.run)
-    predictor = Predictor.from_run(result.run)
+    import fetalplanes as fp
+    result = fp.train("data/", config=fp.TrainConfig(epochs=10, img_size=96))
+    fp.evaluate(result.run)
+    predictor = fp.Predictor.from_run(result.run)
     predictor.predict(["scan.png"])
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fetalplanes._version import __version__
 
-_LAZY = {
-    "load_dataset": "fetalplanes.data",
-    "split_by_patient": "fetalplanes.data",
-    "PRESETS": "fetalplanes.data",
-    "train": "fetalplanes.train",
-    "TrainConfig": "fetalplanes.train",
-    "evaluate": "fetalplanes.evaluate",
-    "Predictor": "fetalplanes.inference",
-    "sort_images": "fetalplanes.sorting",
-    "create_model": "fetalplanes.models",
-    "list_models": "fetalplanes.models",
-    "generate_synthetic": "fetalplanes.synth",
-    "Preprocess": "fetalplanes.transforms",
+#: Public name -> (module, attribute). Loaded on first use so `--help` stays fast
+#: (torch is imported only when a name that needs it is touched).
+_LAZY: dict[str, tuple[str, str]] = {
+    "load_dataset": ("fetalplanes.data.datasets", "load_dataset"),
+    "split_by_patient": ("fetalplanes.data.datasets", "split_by_patient"),
+    "PRESETS": ("fetalplanes.data.datasets", "PRESETS"),
+    "generate_synthetic": ("fetalplanes.data.synth", "generate"),
+    "Preprocess": ("fetalplanes.data.preprocess", "Preprocess"),
+    "create_model": ("fetalplanes.models.registry", "create_model"),
+    "list_models": ("fetalplanes.models.registry", "list_models"),
+    "train": ("fetalplanes.engine.train", "train"),
+    "TrainConfig": ("fetalplanes.engine.train", "TrainConfig"),
+    "Trainer": ("fetalplanes.engine.train", "Trainer"),
+    "evaluate": ("fetalplanes.engine.evaluate", "evaluate"),
+    "Predictor": ("fetalplanes.inference.predictor", "Predictor"),
+    "Prediction": ("fetalplanes.inference.results", "Prediction"),
+    "sort_images": ("fetalplanes.inference.sorting", "sort_images"),
+    "export": ("fetalplanes.tools.export", "export_onnx"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     # ruff: noqa: F401 (re-exported lazily)
-    from fetalplanes.data import PRESETS, load_dataset, split_by_patient
-    from fetalplanes.evaluate import evaluate
-    from fetalplanes.inference import Predictor
-    from fetalplanes.models import create_model, list_models
-    from fetalplanes.sorting import sort_images
-    from fetalplanes.train import TrainConfig, train
-    from fetalplanes.transforms import Preprocess
+    from fetalplanes.data.datasets import PRESETS, load_dataset, split_by_patient
+    from fetalplanes.data.preprocess import Preprocess
+    from fetalplanes.data.synth import generate as generate_synthetic
+    from fetalplanes.engine.evaluate import evaluate
+    from fetalplanes.engine.train import TrainConfig, Trainer, train
+    from fetalplanes.inference.predictor import Predictor
+    from fetalplanes.inference.results import Prediction
+    from fetalplanes.inference.sorting import sort_images
+    from fetalplanes.models.registry import create_model, list_models
+    from fetalplanes.tools.export import export_onnx as export
 
 
 def __getattr__(name: str) -> Any:
-    """Import heavy modules (torch) only when used, so `--help` stays fast."""
-    if name in _LAZY:
-        import importlib
+    """Resolve a public name once and keep it, so it stays the function (never a module)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fetalplanes' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
 
-        module = importlib.import_module(_LAZY[name])
-        return getattr(module, "generate" if name == "generate_synthetic" else name)
-    raise AttributeError(f"module 'fetalplanes' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "__version__"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.errors import CheckpointError
 from fetalplanes.models.registry import ModelSpec, register_model
 from fetalplanes.models.timm_models import (
@@ -20,7 +21,6 @@ from fetalplanes.models.timm_models import (
     adapt_stem_to_gray,
     zero_init_head,
 )
-from fetalplanes.transforms import Preprocess
 
 
 def packaged_weights_path() -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
+from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.errors import CheckpointError
-from fetalplanes.transforms import Preprocess
 
 # build(num_classes, pretrained, weights, input_size) -> module taking (N,1,H,W) normalised input
 Builder = Callable[[int, bool, "Path | None", tuple[int, int]], nn.Module]
@@ -36,6 +36,8 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+#: Resolvers for names outside the registry (timm's whole catalogue), tried in order.
+_FALLBACKS: list[Callable[[str], ModelSpec | None]] = []
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -44,25 +46,27 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def register_fallback(resolve: Callable[[str], ModelSpec | None]) -> None:
+    """Let a family answer for names it knows without listing them (e.g. any timm name)."""
+    _FALLBACKS.append(resolve)
+
+
 def list_models() -> list[ModelSpec]:
-    _ensure_builtins()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def get_spec(name: str) -> ModelSpec:
     """The spec of a registered model, or of any timm architecture (weights via --weights)."""
-    _ensure_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    from fetalplanes.models.timm_models import timm_spec
-
-    spec = timm_spec(name)
-    if spec is None:
-        known = ", ".join(sorted(_REGISTRY))
-        raise CheckpointError(
-            f"unknown model {name!r}; registered: {known} (or any timm architecture name)"
-        )
-    return spec
+    for resolve in _FALLBACKS:
+        spec = resolve(name)
+        if spec is not None:
+            return spec
+    known = ", ".join(sorted(_REGISTRY))
+    raise CheckpointError(
+        f"unknown model {name!r}; registered: {known} (or any timm architecture name)"
+    )
 
 
 def create_model(
@@ -86,8 +90,3 @@ def create_model(
         )
     size = tuple(input_size) if input_size else spec.preprocess.size
     return spec.builder(num_classes, pretrained, Path(weights) if weights else None, size)
-
-
-def _ensure_builtins() -> None:
-    """Import the built-in architectures once (they register themselves)."""
-    from fetalplanes.models import efficientnet, seed_cnn, sononet_registry  # noqa: F401

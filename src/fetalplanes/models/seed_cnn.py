@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.models.registry import ModelSpec, register_model
-from fetalplanes.transforms import Preprocess
 
 
 class SeedCNN(nn.Module):
@@ -49,7 +49,7 @@ def build(
     """From scratch (no pretrained weights exist), or from our own weight file."""
     model = SeedCNN(num_classes, input_size=input_size)
     if weights is not None:
-        from fetalplanes.checkpoint import load_weights_file
+        from fetalplanes.models.weights import load_weights_file
 
         model.load_state_dict(load_weights_file(weights))
     return model

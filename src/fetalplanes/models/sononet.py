@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fetalplanes.data.preprocess import Preprocess
+from fetalplanes.errors import CheckpointError
+from fetalplanes.models.registry import ModelSpec, register_model
+from fetalplanes.models.weights import load_weights_file
+
 SONONET_LABELS: tuple[str, ...] = (
     "3VV",
     "4CH",
@@ -189,22 +194,14 @@ def _describe_mismatch(model: nn.Module, state: dict[str, Tensor]) -> str:
 def load_sononet_weights(model: SonoNet, path: str | Path) -> SonoNet:
     """Load a SonoNet state_dict file into ``model`` (strict) and return the model.
 
-    Only tensors are unpickled (``weights_only=True``).  Any key or shape mismatch, e.g.
-    SonoNet-32 weights into a SonoNet-16, raises a one-line ``ValueError`` naming the file.
+    Only tensors are read (`models.weights`: safetensors, or ``weights_only=True``).  Any key
+    or shape mismatch, e.g. SonoNet-32 weights into a SonoNet-16, raises a one-line
+    ``CheckpointError`` naming the file.
     """
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # unpickling refused or corrupt file
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path}: not a loadable weights-only state_dict ({msg})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state_dict of tensors, got {type(state).__name__}")
+    state = load_weights_file(path)
     problem = _describe_mismatch(model, state)
     if problem:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: weights do not fit SonoNet-{model.features_base} with "
             f"{model.num_classes} classes: {problem}"
         )
@@ -265,3 +262,39 @@ def fold_probabilities(probs14: np.ndarray, classes: Sequence[str]) -> tuple[np.
     folding = np.zeros((len(SONONET_LABELS), len(names)), dtype=probs14.dtype)
     folding[np.arange(len(SONONET_LABELS)), target] = 1
     return probs14 @ folding, names
+
+
+# ------------------------------------------------------------------ registration
+
+SONONET_URLS = "github.com/rdroste/SonoNet_PyTorch (.pth) or baumgach/SonoNet-weights (.npz)"
+
+
+def _builder(features: int):
+    def build(
+        num_classes: int, pretrained: bool, weights: Path | None, input_size: tuple[int, int]
+    ) -> nn.Module:
+        if weights is None:
+            return SonoNet(features=features, num_classes=num_classes)
+        model = SonoNet(features=features, num_classes=14)
+        load_sononet_weights(model, weights)
+        if num_classes != 14:
+            model.reset_classifier(num_classes)
+        return model
+
+    return build
+
+
+for _n in (16, 32, 64):
+    register_model(
+        ModelSpec(
+            name=f"sononet{_n}",
+            builder=_builder(_n),
+            preprocess=Preprocess(size=(224, 288), crop=True, normalize="per_image", mean=0.0,
+                                  std=1 / 255),
+            family="sononet",
+            description=f"SonoNet-{_n} (Baumgartner et al. 2017); published weights via --weights",
+            pretrained=f"published fetal-plane weights ({SONONET_URLS})",
+            needs_weights=True,
+            gradcam_layer="features.4",
+        )
+    )

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fetalplanes.models.registry import ModelSpec
-from fetalplanes.transforms import Preprocess
+from fetalplanes.data.preprocess import Preprocess
+from fetalplanes.models.registry import ModelSpec, register_fallback
 
 #: ImageNet mean/std averaged over RGB: our inputs are one grayscale channel.
 GRAY_MEAN = 0.449
@@ -39,7 +39,7 @@ def build_timm(name: str, num_classes: int, pretrained: bool, weights: Path | No
 
     model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=num_classes)
     if weights is not None:
-        from fetalplanes.checkpoint import load_weights_file
+        from fetalplanes.models.weights import load_weights_file
 
         load_foreign_state(model, load_weights_file(weights), str(weights))
         zero_init_head(model)
@@ -103,3 +103,6 @@ def timm_spec(name: str) -> ModelSpec | None:
         pretrained="a local .safetensors/.pth file given with --weights",
         needs_weights=True,
     )
+
+
+register_fallback(timm_spec)

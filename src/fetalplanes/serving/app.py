@@ -20,8 +20,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fetalplanes import __version__
-from fetalplanes.inference import Prediction, Predictor
+from fetalplanes._version import __version__
+from fetalplanes.inference.predictor import Predictor
+from fetalplanes.inference.results import Prediction, columns
 from fetalplanes.serving.batching import MicroBatcher
 from fetalplanes.serving.explainer import Explainer, ModuleExplainer, one_line
 from fetalplanes.serving.schemas import (
@@ -38,7 +39,7 @@ from fetalplanes.serving.schemas import (
 from fetalplanes.serving.settings import ServeSettings
 from fetalplanes.serving.uploads import FIELD, Upload, UploadRejected, read_uploads
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("fetalplanes.serve")
 
 DESCRIPTION = """Classify 2D fetal ultrasound images into standard planes.
@@ -105,6 +106,7 @@ def model_info(predictor: Predictor, settings: ServeSettings, explainer: Explain
     return ModelInfo(
         architecture=card.architecture,
         classes=predictor.output_classes,
+        csv_columns=columns(predictor.output_classes),
         model_classes=list(card.classes),
         preset=card.preset,
         preprocessing=card.preprocess.to_dict(),
@@ -124,20 +126,10 @@ def model_info(predictor: Predictor, settings: ServeSettings, explainer: Explain
 
 
 def file_result(pred: Prediction, filename: str) -> FileResult:
-    """API view of one prediction (rounded: six decimals are plenty for probabilities)."""
-    if not pred.ok:
-        return FileResult(filename=filename, error=pred.error)
-    model_conf = pred.extra.get("model_confidence")
-    return FileResult(
-        filename=filename,
-        label=pred.label,
-        confidence=round(pred.confidence, 6),
-        probabilities={k: round(v, 6) for k, v in pred.probs.items()},
-        uncertain=pred.uncertain,
-        not_target=pred.not_target,
-        model_label=pred.extra.get("model_label"),
-        model_confidence=None if model_conf is None else float(model_conf),
-    )
+    """API view of one prediction: the result schema's JSON (`Prediction.to_dict`) with the
+    upload's name as `path` (and, for older clients, `filename`)."""
+    pred.path = filename
+    return FileResult(filename=filename, **pred.to_dict())
 
 
 def error_json(status: int, detail: str, results: list[FileResult] | None = None) -> JSONResponse:
@@ -312,7 +304,7 @@ def create_app(
     settings: ServeSettings | None = None,
     explainer: Explainer | None = None,
 ) -> FastAPI:
-    """Build the app around a loaded predictor (`explainer` defaults to fetalplanes.explain)."""
+    """Build the app around a loaded predictor (`explainer` defaults to Grad-CAM)."""
     settings = settings or ServeSettings()
     explainer = explainer if explainer is not None else ModuleExplainer()
     service = PredictService(predictor, settings, explainer)

@@ -1,4 +1,4 @@
-"""Heat maps for the web app, from `fetalplanes.explain` when that module is installed.
+"""Heat maps for the web app, from `fetalplanes.inference.explain` when that module is installed.
 
 The server must run without it (heat maps are an optional extra), so availability is
 detected once at start-up and every failure becomes a per-file message, never a 500.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
-from fetalplanes.images import decode_image
+from fetalplanes.data.images import decode_image
 
 
 class Explainer(Protocol):
@@ -28,9 +28,9 @@ def one_line(exc: BaseException) -> str:
 
 
 class ModuleExplainer:
-    """Uses `fetalplanes.explain.heatmap` and `overlay_png` if they can be imported."""
+    """Uses `fetalplanes.inference.explain.heatmap` and `overlay_png` if they can be imported."""
 
-    def __init__(self, module: str = "fetalplanes.explain"):
+    def __init__(self, module: str = "fetalplanes.inference.explain"):
         self.available = False
         self.reason: str | None = None
         self._heatmap: Any = None

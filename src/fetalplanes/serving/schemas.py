@@ -10,7 +10,9 @@ from pydantic import BaseModel, Field
 class FileResult(BaseModel):
     """The result for one uploaded file: a prediction, or an `error`."""
 
-    filename: str = Field(description="Base name of the uploaded file.")
+    path: str = Field(description="Name of the item: the uploaded file's base name.")
+    filename: str = Field(description="Same as `path` (kept for clients of fetalplanes 0.1).")
+    frame: int | None = Field(None, description="Frame index within a multi-frame file.")
     label: str | None = Field(
         None, description="Predicted plane, or `not_target` when the image is rejected."
     )
@@ -26,6 +28,11 @@ class FileResult(BaseModel):
     not_target: bool | None = Field(
         None, description="The rejection rule says this is not one of the target planes."
     )
+    rejection_score: float | None = Field(
+        None,
+        description="In-distribution score the not-target rule thresholds (higher = more "
+        "like the training planes).",
+    )
     model_label: str | None = Field(
         None, description="Zero-shot models only: the network's own (unfolded) class."
     )
@@ -37,6 +44,9 @@ class FileResult(BaseModel):
     )
     heatmap_error: str | None = Field(
         None, description="With ?explain=true: why no heat map was made for this file."
+    )
+    pixel_spacing_mm: list[float] | None = Field(
+        None, description="(row, column) pixel size in mm, when the file declares it."
     )
     error: str | None = Field(
         None, description="Why the file could not be classified (not an image, truncated...)."
@@ -80,6 +90,10 @@ class ModelInfo(BaseModel):
 
     architecture: str
     classes: list[str] = Field(description="Names of the returned probabilities, in order.")
+    csv_columns: list[str] = Field(
+        description="Columns of the CSV download: the result schema shared with `predict "
+        "--format csv`, the sort journal and evaluate's predictions.csv."
+    )
     model_classes: list[str] = Field(description="The network's own classes (from the sidecar).")
     preset: str
     preprocessing: dict[str, Any]

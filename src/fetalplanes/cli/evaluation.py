@@ -1,0 +1,64 @@
+"""Evaluation command: metrics, figures and report on held-out patients or other data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fetalplanes.cli.common import (
+    BackendArg,
+    BackendOpt,
+    EnsembleOpt,
+    LabelsOpt,
+    Split_,
+    build_predictor,
+)
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder from `train`.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Data folder (default: the training "
+            "data, test patients only; another folder is evaluated whole)."
+        ),
+    ] = None,
+    split: Annotated[Split_, typer.Option(help="Which recorded patients.")] = Split_.test,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT).")
+    ] = None,
+    labels: LabelsOpt = None,
+    backend: BackendArg = BackendOpt.torch,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    ensemble: EnsembleOpt = None,
+    ood: Annotated[
+        Path | None,
+        typer.Option(
+            "--ood",
+            help="Folder of images that are none of the planes: AUROC and false-accept rate "
+            "of the not-target rule (metrics.json `ood`).",
+        ),
+    ] = None,
+) -> None:
+    """Loss, accuracy, balanced accuracy, F1, per-class metrics, confusion matrix, calibration."""
+    from fetalplanes.engine.evaluate import evaluate as evaluate_fn
+
+    predictor = None
+    if ensemble:
+        predictor = build_predictor(run, None, None, "seed4", backend.value, tta, 0.0, ensemble)
+        out = out or run / f"eval-ensemble-{split.value}"
+    evaluate_fn(
+        run,
+        data,
+        split=split.value,
+        out=out,
+        labels=labels,
+        backend=backend.value,
+        tta=tta,
+        predictor=predictor,
+        ood=ood,
+    )
+

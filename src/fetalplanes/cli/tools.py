@@ -1,0 +1,210 @@
+"""Tool commands: models, export, bench, cache, download, demo."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fetalplanes.cli.common import LabelsOpt, PresetOpt
+
+
+def models_cmd() -> None:
+    """List the registered model architectures."""
+    from fetalplanes.models import list_models
+
+    for spec in list_models():
+        pp = spec.preprocess
+        typer.echo(f"{spec.name:20s} {pp.size[0]}x{pp.size[1]}  {spec.description}")
+
+
+
+
+def download(
+    name: Annotated[str, typer.Argument(help="What to fetch: sononet16, fpdb or african.")],
+    to: Annotated[Path, typer.Option("--to", help="Destination folder.")] = Path("."),
+    url: Annotated[
+        str | None, typer.Option(help="Mirror URL (size and checksum still enforced).")
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="Pin the file's sha256 (printed on download).")
+    ] = None,
+    keep_archive: Annotated[
+        bool, typer.Option("--keep-archive", help="Keep a data set's archive after extraction.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Download published weights or a public data set (needs internet): resumable, checked
+    against the published size and checksum, extracted safely, never overwriting."""
+    from fetalplanes.tools.download import ASSETS, DATASETS, next_command
+    from fetalplanes.tools.download import download as download_fn
+
+    path = download_fn(name, to, url=url, sha256=sha256, keep_archive=keep_archive,
+                       progress=not quiet)
+    if name in ASSETS:
+        typer.echo(f"{path} (sha256 verified; license: {ASSETS[name].license})")
+        return
+    typer.echo(f"{path} ({DATASETS[name].license}); next: {next_command(path)}")
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
+        "fetalplanes-demo"
+    ),
+    per_class: Annotated[
+        int, typer.Option("--per-class", help="Synthetic images per plane.")
+    ] = 100,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 7,
+    model: Annotated[str, typer.Option(help="Architecture for the demo.")] = "efficientnet_lite0",
+    img_size: Annotated[int, typer.Option("--img-size", help="Input size (small = fast on CPU).")
+                        ] = 128,
+) -> None:
+    """synth -> train -> evaluate -> predict -> sort on SYNTHETIC data, in minutes on a CPU."""
+    from fetalplanes.tools.demo import run_demo
+
+    run_demo(out, per_class=per_class, epochs=epochs, model=model, img_size=img_size)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+class BenchDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder from `train`.")],
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="Export format.")
+    ] = ExportFormat.onnx,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output file (default RUN/model.onnx, RUN/model.int8.onnx)."),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also quantise the convolutions to int8 (about 2x faster on a CPU; "
+            "check accuracy with `evaluate --backend onnx-int8`).",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Folder of typical scans for --int8 (default: the run's data)."),
+    ] = None,
+) -> None:
+    """Export a run to ONNX (normalisation inside; input N x 1 x H x W pixels 0-255)."""
+    from fetalplanes.tools.export import export_int8, export_onnx
+
+    fp32_out = None if int8 else out
+    path = export_onnx(run, fp32_out, opset)
+    size_mb = path.stat().st_size / 1e6
+    typer.echo(
+        f"wrote {path} ({size_mb:.1f} MB, opset {opset}, dynamic batch); use it with --backend onnx"
+    )
+    if int8:
+        q = export_int8(run, calibration, out)
+        typer.echo(
+            f"wrote {q} ({q.stat().st_size / 1e6:.1f} MB, int8 convolutions); "
+            "use it with --backend onnx-int8"
+        )
+
+
+def bench_cmd(
+    device: Annotated[BenchDevice, typer.Option(help="cpu or cuda.")] = BenchDevice.cpu,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Few images and steps: seconds, not minutes.")
+    ] = False,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the training model.")
+    ] = False,
+    model: Annotated[str, typer.Option(help="Architecture to benchmark.")] = "efficientnet_lite0",
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", help="Square input size (default: the model's).")
+    ] = None,
+    images: Annotated[
+        int | None, typer.Option(help="Scans for the end-to-end rows (default 2000, quick 48).")
+    ] = None,
+    rss_images: Annotated[
+        int | None,
+        typer.Option("--rss-images", help="Scans sorted by the memory run (default: --images)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode worker processes (default: automatic).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Measure decode, inference (torch, onnx), latency, training and peak memory here."""
+    from fetalplanes.tools.bench import BenchOptions, print_report, run_bench, write_json
+
+    opts = BenchOptions(
+        device=device.value,
+        quick=quick,
+        compile=compile_,
+        model=model,
+        img_size=img_size,
+        images=images,
+        rss_images=rss_images,
+        workers=workers,
+    )
+    report = run_bench(opts, progress=not quiet)
+    print_report(report)
+    if json_file is not None:
+        write_json(report, json_file)
+        typer.echo(f"results written to {json_file}")
+
+
+def cache_cmd(
+    data: Annotated[Path, typer.Argument(help="Data folder (any layout `train` accepts).")],
+    labels: LabelsOpt = None,
+    preset: PresetOpt = "seed4",
+    model: Annotated[
+        str, typer.Option(help="Architecture whose preprocessing to cache.")
+    ] = "efficientnet_lite0",
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", help="Square input size override.")
+    ] = None,
+    crop: Annotated[
+        bool | None,
+        typer.Option("--crop/--no-crop", help="Crop to the ultrasound region (model default)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir", help="Cache folder (default $FETALPLANES_CACHE or ~/.cache/fetalplanes)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode worker processes (default: automatic).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Decode, crop and resize every image once into the cache that `train` reads."""
+    from fetalplanes.console import report_failures
+    from fetalplanes.data.cache import ArrayCache, default_cache_dir, load_arrays
+    from fetalplanes.data.datasets import load_dataset
+    from fetalplanes.engine.train import TrainConfig, resolve_preprocess
+
+    ds = load_dataset(data, labels, preset)
+    size = (img_size, img_size) if img_size else None
+    pp = resolve_preprocess(TrainConfig(model=model, img_size=size, crop=crop))
+    root = cache_dir or default_cache_dir()
+    paths = [s.path for s in ds.samples]
+    loaded = load_arrays(paths, pp, root, workers, progress=not quiet, desc="filling cache")
+    if loaded.failures:
+        report_failures(loaded.failures)
+    folder = ArrayCache(root, pp).dir
+    typer.echo(
+        f"{len(paths)} images for {model} at {pp.size[0]}x{pp.size[1]} "
+        f"(crop {'on' if pp.crop else 'off'}): {loaded.hits} cache hits, "
+        f"{loaded.decoded} decoded, {len(loaded.failures)} unreadable; cache {folder}"
+    )

@@ -1,0 +1,70 @@
+"""`fetalplanes data check`: what a data set holds and what is wrong with it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from fetalplanes.data.datasets import LabelledData, Split, split_by_patient, split_counts
+from fetalplanes.data.loading import PathDataset
+from fetalplanes.data.preprocess import Preprocess
+
+
+@dataclass
+class CheckReport:
+    data: LabelledData
+    split: Split
+    counts: dict[str, dict[str, int]]
+    unreadable: list[str] = field(default_factory=list)
+    duplicate_files: list[list[str]] = field(default_factory=list)  # groups of identical files
+
+    @property
+    def ok(self) -> bool:
+        d = self.data
+        return not (
+            self.unreadable or self.duplicate_files or d.missing or d.unknown or d.duplicate_rows
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.data
+        return {
+            "root": str(d.root),
+            "layout": d.layout,
+            "labels_file": str(d.labels_file) if d.labels_file else None,
+            "preset": d.preset,
+            "classes": d.classes,
+            "n_images": len(d.samples),
+            "n_patients": len(d.patients),
+            "patients_per_split": {k: len(self.split.of(k)) for k in ("train", "val", "test")},
+            "images_per_class_and_split": self.counts,
+            "dropped": d.dropped,
+            "unknown": d.unknown,
+            "missing": d.missing,
+            "duplicate_rows": d.duplicate_rows,
+            "unreadable": self.unreadable,
+            "duplicate_files": self.duplicate_files,
+        }
+
+
+def check_dataset(
+    data: LabelledData, seed: int = 0, decode: bool = True, progress: bool = True
+) -> CheckReport:
+    """Split summary plus unreadable and byte-identical files (decodes every image once)."""
+    split = split_by_patient(data.samples, seed=seed)
+    report = CheckReport(data, split, split_counts(data, split))
+    if not decode:
+        return report
+    ds = PathDataset([s.path for s in data.samples], Preprocess(size=(8, 8), crop=False))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for i in tqdm(range(len(ds)), desc="checking images", unit="img", disable=not progress):
+        item = ds[i]
+        if item.error:
+            report.unreadable.append(item.error)
+        if item.digest:
+            groups[item.digest].append(str(Path(data.samples[i].path)))
+    report.duplicate_files = [g for g in groups.values() if len(g) > 1]
+    return report

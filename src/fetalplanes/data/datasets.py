@@ -1,0 +1,479 @@
+"""Labelled data sets: reading the three layouts, label presets, patient ids and splits.
+
+Every command goes through `load_dataset`, so a data set is interpreted the same
+way everywhere, and `split_by_patient` guarantees that no patient's images end up
+on both sides of a split (the origin notebook's leakage bug).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fetalplanes.data.images import IMAGE_EXTENSIONS, is_image_path
+from fetalplanes.errors import LabelFileError
+
+PLANES: tuple[str, ...] = (
+    "Fetal abdomen",
+    "Fetal brain",
+    "Fetal femur",
+    "Fetal thorax",
+    "Maternal cervix",
+    "Other",
+)
+BRAIN_PLANES: tuple[str, ...] = ("Trans-thalamic", "Trans-cerebellum", "Trans-ventricular")
+BRAIN_PLANE_VALUES: tuple[str, ...] = (*BRAIN_PLANES, "Other", "Not A Brain")
+FPDB_CSV = "FETAL_PLANES_DB_data.csv"
+SEED_CSV = "image_label.csv"
+PATIENT_RE = re.compile(r"^(Patient\d+)_", re.IGNORECASE)
+
+# Folder names and spellings users commonly have, mapped to canonical plane names.
+_ALIASES: dict[str, str] = {
+    "abdomen": "Fetal abdomen",
+    "brain": "Fetal brain",
+    "head": "Fetal brain",
+    "femur": "Fetal femur",
+    "thorax": "Fetal thorax",
+    "heart": "Fetal thorax",
+    "cervix": "Maternal cervix",
+    "other": "Other",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Which classes to learn and from which label column."""
+
+    name: str
+    classes: tuple[str, ...]
+    column: str = "Plane"
+    only_plane: str | None = None  # keep only rows whose Plane is this (brain3)
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "seed4": Preset("seed4", PLANES[:4], description="the four fetal planes of the origin"),
+    "fpdb6": Preset("fpdb6", PLANES, description="all six FETAL_PLANES_DB planes"),
+    "brain3": Preset(
+        "brain3",
+        BRAIN_PLANES,
+        column="Brain_plane",
+        only_plane="Fetal brain",
+        description="brain sub-planes of Fetal brain images",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name with an error listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise LabelFileError(
+            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image."""
+
+    path: Path
+    label: str
+    patient: str
+    subset: str | None = None  # "train"/"test" from FETAL_PLANES_DB's Train column
+
+
+@dataclass
+class LabelledData:
+    """A data set read from disk, with everything that was dropped or wrong in it."""
+
+    root: Path
+    layout: str
+    labels_file: Path | None
+    preset: str
+    classes: list[str]
+    samples: list[Sample]
+    dropped: dict[str, int] = field(default_factory=dict)  # known planes outside the preset
+    unknown: dict[str, int] = field(default_factory=dict)  # label values we don't know
+    missing: list[str] = field(default_factory=list)  # rows whose file doesn't exist
+    duplicate_rows: list[str] = field(default_factory=list)  # names listed twice
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({s.patient for s in self.samples})
+
+    def class_counts(self, samples: Sequence[Sample] | None = None) -> dict[str, int]:
+        counts = Counter(s.label for s in (self.samples if samples is None else samples))
+        return {c: counts.get(c, 0) for c in self.classes}
+
+    def fingerprint(self) -> str:
+        """Hash of names, sizes, labels and patients: detects a changed data set cheaply."""
+        h = hashlib.sha256()
+        for s in sorted(self.samples, key=lambda s: str(s.path)):
+            try:
+                size = s.path.stat().st_size
+            except OSError:
+                size = -1
+            rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
+            h.update(f"{rel}|{size}|{s.label}|{s.patient}\n".encode())
+        return h.hexdigest()[:16]
+
+    def subset(self, patients: set[str] | Sequence[str]) -> list[Sample]:
+        keep = set(patients)
+        return [s for s in self.samples if s.patient in keep]
+
+
+def canonical_plane(value: str, known: Sequence[str]) -> str | None:
+    """Match a label value to a known name, ignoring case, spaces and common aliases."""
+    v = " ".join(value.strip().split())
+    low = v.lower()
+    for k in known:
+        if k.lower() == low:
+            return k
+    alias = _ALIASES.get(low) or _ALIASES.get(low.removeprefix("fetal ").strip())
+    if alias in known:
+        return alias
+    return None
+
+
+def patient_from_name(name: str) -> str | None:
+    """Parse `PatientNNNNN` from FETAL_PLANES_DB style names."""
+    m = PATIENT_RE.match(Path(name).name)
+    return m.group(1).capitalize() if m else None
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def detect_layout(root: Path, labels: Path | None = None) -> tuple[str, Path | None]:
+    """Return (layout, label file) for a data folder, or raise naming what was looked for."""
+    if not root.exists():
+        raise LabelFileError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise LabelFileError(f"{root}: expected a data folder, got a file")
+    if labels is not None:
+        if not labels.is_file():
+            raise LabelFileError(f"{labels}: label file not found")
+        return ("fpdb" if _sniff_delimiter(labels) == ";" else "csv"), labels
+    if (root / FPDB_CSV).is_file():
+        return "fpdb", root / FPDB_CSV
+    if (root / SEED_CSV).is_file():
+        return "csv", root / SEED_CSV
+    csvs = sorted(root.glob("*.csv"))
+    if len(csvs) == 1:
+        return ("fpdb" if _sniff_delimiter(csvs[0]) == ";" else "csv"), csvs[0]
+    if len(csvs) > 1:
+        names = ", ".join(c.name for c in csvs)
+        raise LabelFileError(f"{root}: several CSV files ({names}); pick one with --labels")
+    if any(d.is_dir() and any(is_image_path(f) for f in d.iterdir()) for d in root.iterdir()):
+        return "folders", None
+    raise LabelFileError(
+        f"{root}: no label file ({SEED_CSV}, {FPDB_CSV} or --labels CSV) "
+        "and no class sub-folders with images"
+    )
+
+
+def _sniff_delimiter(path: Path) -> str:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        head = f.readline()
+    return ";" if head.count(";") > head.count(",") else ","
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    delim = _sniff_delimiter(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delim)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [
+                {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
+                for row in reader
+                if any(cell.strip() for cell in row)
+            ]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise LabelFileError(f"{path}: cannot parse as CSV ({exc})") from exc
+    return header, rows
+
+
+def _image_dir(root: Path, labels_file: Path, names: Sequence[str]) -> Path:
+    """The folder that holds the most of the CSV's listed images.
+
+    Candidates, in order of preference on a tie: Images/ or images/ in DATA or beside the
+    CSV, DATA itself, the CSV's folder, then any sub-folder of DATA up to two levels deep
+    (so `train train_test --labels image_label.csv` and `train .` both find the images).
+    """
+    candidates: list[Path] = []
+    for base in (root, labels_file.parent):
+        candidates += [base / "Images", base / "images"]
+    candidates += [root, labels_file.parent]
+    candidates += sorted(d for d in root.glob("*/") if d.is_dir())
+    candidates += sorted(d for d in root.glob("*/*/") if d.is_dir())
+    wanted = {n for name in names[:500] for n in (name, Path(name).name, Path(name).stem)}
+    best, best_hits = labels_file.parent, 0
+    seen: set[Path] = set()
+    for folder in candidates:
+        if folder in seen or not folder.is_dir():
+            continue
+        seen.add(folder)
+        hits = sum(1 for k in _index_folder(folder) if k in wanted)
+        if hits > best_hits:
+            best, best_hits = folder, hits
+    return best
+
+
+def _index_folder(folder: Path) -> dict[str, Path]:
+    """Map both 'name.ext' and 'name' to files, so CSV names may lack the extension."""
+    index: dict[str, Path] = {}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # unreadable folder: nothing found there
+        return index
+    for f in entries:
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            index.setdefault(f.name, f)
+            index.setdefault(f.stem, f)
+    return index
+
+
+def _required(header: list[str], needed: Sequence[str], path: Path) -> None:
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise LabelFileError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected "
+            f"{', '.join(needed)}, found {', '.join(header) or 'no header'}"
+        )
+
+
+def _label_of(row: dict[str, str], preset: Preset) -> tuple[str | None, str]:
+    """(class or None, raw value) for a row under a preset."""
+    if preset.only_plane is not None:
+        plane = canonical_plane(row.get("Plane", ""), PLANES)
+        if plane != preset.only_plane:
+            return None, row.get("Plane", "")
+    raw = row.get(preset.column, "")
+    return canonical_plane(raw, preset.classes), raw
+
+
+def _known_values(preset: Preset) -> tuple[str, ...]:
+    return BRAIN_PLANE_VALUES if preset.column == "Brain_plane" else PLANES
+
+
+def _read_csv_layout(root: Path, labels_file: Path, preset: Preset, layout: str) -> LabelledData:
+    header, rows = _read_rows(labels_file)
+    needed = ["Image_name", "Plane"] + ([preset.column] if preset.column != "Plane" else [])
+    _required(header, needed, labels_file)
+    image_dir = _image_dir(root, labels_file, [r["Image_name"] for r in rows])
+    index = _index_folder(image_dir)
+    data = LabelledData(root, layout, labels_file, preset.name, list(preset.classes), [])
+    seen: set[str] = set()
+    dropped: Counter[str] = Counter()
+    unknown: Counter[str] = Counter()
+    for row in rows:
+        name = row["Image_name"]
+        if name in seen:
+            data.duplicate_rows.append(name)
+            continue
+        seen.add(name)
+        label, raw = _label_of(row, preset)
+        if label is None:
+            if canonical_plane(raw, _known_values(preset)) is not None or preset.only_plane:
+                dropped[raw] += 1
+            else:
+                unknown[raw or "<empty>"] += 1
+            continue
+        path = index.get(name) or index.get(Path(name).name)
+        if path is None:
+            data.missing.append(name)
+            continue
+        patient = _patient_of(row, name)
+        subset = _subset_of(row)
+        data.samples.append(Sample(path, label, patient, subset))
+    data.dropped, data.unknown = dict(dropped), dict(unknown)
+    return data
+
+
+def _patient_of(row: dict[str, str], name: str) -> str:
+    num = row.get("Patient_num", "").strip()
+    if num:
+        return f"Patient{int(num):05d}" if num.isdigit() else num
+    return patient_from_name(name) or Path(name).stem
+
+
+def _subset_of(row: dict[str, str]) -> str | None:
+    value = row.get("Train", "").strip()
+    if value in ("1", "0"):
+        return "train" if value == "1" else "test"
+    return None
+
+
+def _read_folders(root: Path, preset: Preset) -> LabelledData:
+    data = LabelledData(root, "folders", None, preset.name, list(preset.classes), [])
+    unknown: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(f for f in d.iterdir() if f.is_file() and is_image_path(f))
+        if not files:
+            continue
+        label = canonical_plane(d.name, preset.classes)
+        if label is None:
+            known = canonical_plane(d.name, _known_values(preset)) is not None
+            (dropped if known else unknown)[d.name] += len(files)
+            continue
+        for f in files:
+            data.samples.append(Sample(f, label, patient_from_name(f.name) or f.stem))
+    data.dropped, data.unknown = dict(dropped), dict(unknown)
+    return data
+
+
+def load_dataset(
+    root: str | Path, labels: str | Path | None = None, preset: str = "seed4"
+) -> LabelledData:
+    """Read a labelled data set in any supported layout under a label preset.
+
+    Rows of known planes outside the preset are counted in `dropped`; label values
+    that are not planes at all are counted in `unknown` (callers report both).
+    """
+    root = Path(root)
+    p = get_preset(preset)
+    layout, labels_file = detect_layout(root, Path(labels) if labels else None)
+    if layout == "folders":
+        if p.column != "Plane":
+            raise LabelFileError(f"{root}: preset {preset} needs a label file with {p.column}")
+        data = _read_folders(root, p)
+    else:
+        assert labels_file is not None
+        data = _read_csv_layout(root, labels_file, p, layout)
+    if not data.samples:
+        raise LabelFileError(_empty_message(data))
+    return data
+
+
+def _empty_message(data: LabelledData) -> str:
+    where = data.labels_file or data.root
+    parts = [f"{where}: no usable images for preset {data.preset}"]
+    if data.unknown:
+        parts.append(f"unknown labels {sorted(data.unknown)}")
+    if data.missing:
+        parts.append(f"{len(data.missing)} listed files not found (e.g. {data.missing[0]})")
+    if data.dropped:
+        parts.append(f"dropped planes {sorted(data.dropped)}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class Split:
+    """Patient ids per split. No patient is in two splits."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Sequence[str]]) -> Split:
+        return cls(tuple(d.get("train", ())), tuple(d.get("val", ())), tuple(d.get("test", ())))
+
+    def of(self, name: str) -> tuple[str, ...]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; choose train, val or test")
+        return getattr(self, name)
+
+
+def _patient_labels(samples: Sequence[Sample]) -> tuple[list[str], list[str]]:
+    """One stratification label per patient: their most frequent class."""
+    per: dict[str, Counter[str]] = {}
+    for s in samples:
+        per.setdefault(s.patient, Counter())[s.label] += 1
+    patients = sorted(per)
+    return patients, [per[p].most_common(1)[0][0] for p in patients]
+
+
+def _carve(
+    patients: list[str], labels: list[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Split patients into (rest, carved) with ~fraction carved, stratified by label."""
+    if fraction <= 0 or len(patients) < 2:
+        return patients, []
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[str]] = {}
+    for p, lab in zip(patients, labels, strict=True):
+        by_label.setdefault(lab, []).append(p)
+    carved: list[str] = []
+    for lab in sorted(by_label):
+        group = sorted(by_label[lab])
+        rng.shuffle(group)
+        n = round(len(group) * fraction)
+        if n == 0 and len(group) >= 3 and rng.random() < len(group) * fraction:
+            n = 1
+        carved.extend(group[:n])
+    if not carved:  # tiny data: take at least one patient
+        carved = [patients[int(rng.integers(len(patients)))]]
+    chosen = set(carved)
+    return [p for p in patients if p not in chosen], sorted(chosen)
+
+
+def split_by_patient(
+    samples: Sequence[Sample],
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> Split:
+    """Stratified, patient-grouped, deterministic split.
+
+    When the samples carry FETAL_PLANES_DB's Train column, its test part is the
+    test split and validation patients are carved from its train part.
+    """
+    if any(s.subset is not None for s in samples):
+        test = sorted({s.patient for s in samples if s.subset == "test"})
+        train_samples = [s for s in samples if s.subset != "test"]
+        patients, labels = _patient_labels(train_samples)
+        patients_left = [p for p in patients if p not in set(test)]
+        labels_left = [lab for p, lab in zip(patients, labels, strict=True) if p not in set(test)]
+        train, val = _carve(patients_left, labels_left, val_fraction, seed)
+        return Split(tuple(train), tuple(val), tuple(test))
+    patients, labels = _patient_labels(samples)
+    rest, test = _carve(patients, labels, test_fraction, seed)
+    lab_of = dict(zip(patients, labels, strict=True))
+    rel_val = val_fraction / max(1e-9, 1 - test_fraction)
+    train, val = _carve(rest, [lab_of[p] for p in rest], rel_val, seed + 1)
+    return Split(tuple(train), tuple(val), tuple(test))
+
+
+def split_counts(data: LabelledData, split: Split) -> dict[str, dict[str, int]]:
+    """Images per class in each split (for reports)."""
+    return {
+        name: data.class_counts(data.subset(split.of(name))) for name in ("train", "val", "test")
+    }
+
+
+def kfold_by_patient(samples: Sequence[Sample], k: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """Partition patients into k stratified groups (for cross-validation)."""
+    if k < 2:
+        raise ValueError("folds must be at least 2")
+    patients, labels = _patient_labels(samples)
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[str]] = {}
+    for p, lab in zip(patients, labels, strict=True):
+        by_label.setdefault(lab, []).append(p)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    offset = 0
+    for lab in sorted(by_label):
+        group = sorted(by_label[lab])
+        rng.shuffle(group)
+        for i, p in enumerate(group):
+            folds[(i + offset) % k].append(p)
+        offset += len(group)
+    return [tuple(sorted(f)) for f in folds]

@@ -1,0 +1,2 @@
+"""Training and evaluation: the Trainer, evaluation reports, cross-validation, tuning,
+metrics and plots."""

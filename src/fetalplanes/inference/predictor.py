@@ -1,0 +1,248 @@
+"""Inference: one `Predictor` behind predict, sort, evaluate, serve, explain and scan.
+
+Class names come only from the checkpoint sidecar. Probabilities are calibrated with the
+stored temperature, and the stored rejection rule marks `not_target` images. Backends
+(torch, ONNX Runtime, ensembles) differ only in how `Outputs` are computed; everything
+from a file to a `Prediction` goes through `predict_paths`, the one streaming path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fetalplanes.data.images import decode_image, list_images
+from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.inference.calibration import calibrated_probs, is_not_target, ood_score
+from fetalplanes.inference.outputs import Backend, Outputs
+from fetalplanes.inference.results import NOT_TARGET, Prediction, failed
+from fetalplanes.models.card import ModelCard
+
+#: Below this calibrated confidence a prediction is flagged `uncertain` (CLI and API).
+DEFAULT_MIN_CONFIDENCE = 0.5
+#: Images per model call when the model runs in the decode workers: single-threaded
+#: ONNX Runtime is as fast per image at batch 1-4 as at 64, and small chunks keep
+#: every worker busy and the results in order.
+WORKER_BATCH = 4
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+#: (probabilities over the model's classes) -> (probabilities, names) of a zero-shot model
+Fold = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]
+
+
+class Predictor:
+    """Load once, predict many: arrays, bytes, files or whole folders (streaming)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        card: ModelCard,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        fold: Fold | None = None,
+    ):
+        self.backend = backend
+        self.card = card
+        self.classes = list(card.classes)
+        self.pp = card.preprocess
+        self.min_confidence = min_confidence
+        self.fold = fold
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path,
+        backend: str = "torch",
+        device: str = "auto",
+        tta: bool = False,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    ) -> Predictor:
+        """Predictor for a run folder (or a folder of fold runs -> ensemble).
+
+        The ONNX backends read RUN/model.onnx (or model.int8.onnx) as exported by
+        `fetalplanes export RUN`; inference never writes into a run folder.
+        """
+        from fetalplanes.inference.ensemble import is_ensemble_dir, load_ensemble
+
+        run = Path(run)
+        _check_backend(backend)
+        if is_ensemble_dir(run):
+            if backend != "torch":
+                raise FetalPlanesError(f"{run}: ensembles run on the torch backend only")
+            return cls(*load_ensemble([run], device, tta), min_confidence)
+        if backend in ("onnx", "onnx-int8"):
+            from fetalplanes.inference.onnx import OnnxBackend
+            from fetalplanes.models.card import load_card
+
+            onnx = OnnxBackend.from_run(run, tta=tta, int8=backend == "onnx-int8")
+            return cls(onnx, load_card(run), min_confidence)
+        from fetalplanes.inference.backends import load_run_backend
+
+        return cls(*load_run_backend(run, device, tta), min_confidence)
+
+    @classmethod
+    def from_ensemble(
+        cls,
+        runs: Sequence[str | Path],
+        device: str = "auto",
+        tta: bool = False,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    ) -> Predictor:
+        """One predictor for several runs (or folders of runs, e.g. a crossval OUT)."""
+        from fetalplanes.inference.ensemble import load_ensemble
+
+        return cls(*load_ensemble(runs, device, tta), min_confidence)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        weights: str | Path,
+        preset: str = "seed4",
+        device: str = "auto",
+        tta: bool = False,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        crop: bool | None = None,
+    ) -> Predictor:
+        """Zero-shot predictor from published weights (SonoNet), folded into a preset.
+
+        `crop` overrides the model's ultrasound-crop default (to show its effect).
+        """
+        from fetalplanes.inference.backends import load_pretrained_backend
+
+        backend, card, fold = load_pretrained_backend(model, weights, preset, device, tta, crop)
+        return cls(backend, card, min_confidence, fold=fold)
+
+    # ------------------------------------------------------------ core
+    def outputs(self, pixels: np.ndarray, batch_size: int = 64) -> Outputs:
+        """Raw model outputs for prepared (N,H,W) uint8 images, in batches."""
+        parts = [
+            self.backend.outputs(pixels[i : i + batch_size])
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return Outputs.concat(parts, len(self.classes))
+
+    def results(
+        self, names: Sequence[str], outputs: Outputs, keep_outputs: bool = False
+    ) -> list[Prediction]:
+        """Predictions from raw outputs: calibration, folding, rejection, uncertainty."""
+        card = self.card
+        probs = calibrated_probs(outputs.logits, card.temperature)
+        reject = is_not_target(outputs, card.temperature, card.rejection)
+        scores = (
+            ood_score(outputs, card.temperature, card.rejection["method"])
+            if card.rejection.get("method")
+            else None
+        )
+        names_out = self.classes
+        own: list[tuple[str, float]] | None = None
+        if self.fold is not None:
+            own = [(self.classes[i], float(p.max())) for i, p in zip(probs.argmax(1), probs,
+                                                                     strict=True)]
+            probs, names_out = self.fold(probs)
+        out = []
+        for i, name in enumerate(names):
+            k = int(probs[i].argmax())
+            nt = bool(reject[i]) or names_out[k] == NOT_TARGET
+            conf = float(probs[i, k])
+            out.append(
+                Prediction(
+                    path=str(name),
+                    label=NOT_TARGET if nt else names_out[k],
+                    confidence=conf,
+                    probs={c: float(v) for c, v in zip(names_out, probs[i], strict=True)},
+                    not_target=nt,
+                    uncertain=(not nt and conf < self.min_confidence),
+                    rejection_score=None if scores is None else float(scores[i]),
+                    model_label=None if own is None else own[i][0],
+                    model_confidence=None if own is None else own[i][1],
+                    outputs=outputs[i] if keep_outputs else None,
+                )
+            )
+        return out
+
+    @property
+    def output_classes(self) -> list[str]:
+        """Class names of `Prediction.probs` (folded names for zero-shot models)."""
+        if self.fold is None:
+            return list(self.classes)
+        return self.fold(np.full((1, len(self.classes)), 1 / len(self.classes)))[1]
+
+    def predict_prepared(self, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
+        """Predict already-prepared (N,H,W) uint8 images (lets callers batch only the net)."""
+        return self.results(list(names), self.outputs(pixels))
+
+    def predict_arrays(
+        self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Predict decoded grayscale images (any size); preprocessing is applied here."""
+        names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
+        if not images:
+            return []
+        pixels = np.stack([self.pp.prepare_array(im) for im in images])
+        return self.results(names, self.outputs(pixels))
+
+    def predict_bytes(self, items: Sequence[tuple[str, bytes]]) -> list[Prediction]:
+        """Predict uploaded files; undecodable ones come back with `error` set."""
+        results: dict[int, Prediction] = {}
+        good: list[tuple[int, str, np.ndarray]] = []
+        for i, (name, data) in enumerate(items):
+            try:
+                good.append((i, name, decode_image(data, name)))
+            except ImageError as exc:
+                results[i] = failed(name, str(exc))
+        preds = self.predict_arrays([g[2] for g in good], [g[1] for g in good])
+        for (i, _, _), p in zip(good, preds, strict=True):
+            results[i] = p
+        return [results[i] for i in range(len(items))]
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 64,
+        workers: int | None = None,
+        progress: bool = False,
+        keep_outputs: bool = False,
+        desc: str = "classifying",
+    ) -> Iterator[Prediction]:
+        """Stream predictions in input order; decoding runs in worker processes.
+
+        The one path from files to results (predict, sort, evaluate, OOD scoring, the
+        server's file inputs). A backend that offers `worker_model()` (ONNX Runtime)
+        also runs the network in the workers, single-threaded, on chunks of
+        `WORKER_BATCH` images. `keep_outputs` attaches raw outputs for evaluation.
+        """
+        from tqdm import tqdm
+
+        from fetalplanes.data.loading import default_workers, iter_batches
+
+        paths = [Path(p) for p in paths]
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.1)
+        n_workers = default_workers(len(paths)) if workers is None else workers
+        recipe = getattr(self.backend, "worker_model", None)
+        model = recipe() if recipe is not None and n_workers > 0 else None
+        if model is not None:
+            batch_size = min(batch_size, WORKER_BATCH)
+        for batch in iter_batches(paths, self.pp, batch_size, n_workers, model=model):
+            ready: dict[int, Prediction] = {i: failed(str(paths[i]), m) for i, m in batch.failures}
+            if batch.indices:
+                outs = batch.outputs if batch.outputs is not None else self.outputs(batch.arrays)
+                names = [str(paths[i]) for i in batch.indices]
+                ready.update(zip(batch.indices, self.results(names, outs, keep_outputs),
+                                 strict=True))
+            for i in sorted(ready):
+                yield ready[i]
+            bar.update(len(ready))
+        bar.close()
+
+    def predict(self, inputs: Sequence[str | Path], **kw: Any) -> list[Prediction]:
+        """Files and folders (recursively) -> predictions, list form."""
+        return list(self.predict_paths(list_images([Path(p) for p in inputs]), **kw))
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise FetalPlanesError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")

@@ -1,0 +1,1 @@
+"""Tools built on the lower layers: export, benchmarks, demo, downloads, de-identification."""
