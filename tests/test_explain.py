@@ -114,9 +114,10 @@ def test_explain_file_and_cli(trained_run: Path, scans: Path, tmp_path: Path) ->
     from fetalplanes.cli import app
 
     image = sorted(scans.iterdir())[0]
-    out = explain_file(trained_run, image, tmp_path / "a.png", target="Fetal brain")
+    made = explain_file(trained_run, image, tmp_path / "a.png", target="Fetal brain")
     h, w = Predictor.from_run(trained_run).pp.size
-    assert Image.open(out).size == (w, h)
+    assert Image.open(made.path).size == (w, h)
+    assert made.target == "Fetal brain" and made.prediction.ok
     res = CliRunner().invoke(
         app, ["explain", str(trained_run), str(image), "--out", str(tmp_path / "b.png")]
     )

@@ -187,8 +187,8 @@ def test_model_in_decode_workers_matches_main_process(
     p = onnx_predictor(trained_run, backend="onnx", tta=tta)
     inline = list(p.predict_paths(files, workers=0))
     main_calls: list[int] = []
-    own = p.backend.logits
-    p.backend.logits = lambda x: main_calls.append(len(x)) or own(x)  # type: ignore[method-assign]
+    own = p.backend.outputs
+    p.backend.outputs = lambda x: main_calls.append(len(x)) or own(x)  # type: ignore[method-assign]
     in_workers = list(p.predict_paths(files, batch_size=64, workers=2))
     assert main_calls == []  # the network ran in the workers only
     assert [r.path for r in in_workers] == [str(f) for f in files]
@@ -214,7 +214,10 @@ def test_int8_export_follows_the_float_model(
     fp32 = list(onnx_predictor(run, backend="onnx").predict_paths(files, workers=0))
     int8 = list(onnx_predictor(run, backend="onnx-int8").predict_paths(files, workers=0))
     agree = np.mean([a.label == b.label for a, b in zip(fp32, int8, strict=True)])
-    diffs = [abs((a.score or 0) - (b.score or 0)) for a, b in zip(fp32, int8, strict=True)]
+    diffs = [
+        abs((a.rejection_score or 0) - (b.rejection_score or 0))
+        for a, b in zip(fp32, int8, strict=True)
+    ]
     print(
         f"int8 vs fp32: label agreement {agree:.3f}, knn score difference "
         f"mean {np.mean(diffs):.3f} max {max(diffs):.3f}"

@@ -88,10 +88,10 @@ def test_torch_and_onnx_give_the_same_knn_score(arch: str, tmp_path: Path) -> No
     a = Predictor.from_run(run, device="cpu").predict_arrays(images)
     b = onnx_predictor(run, backend="onnx").predict_arrays(images)
     for x, y in zip(a, b, strict=True):
-        assert x.score is not None and y.score is not None
-        assert abs(x.score - y.score) < 1e-4
+        assert x.rejection_score is not None and y.rejection_score is not None
+        assert abs(x.rejection_score - y.rejection_score) < 1e-4
         assert max(abs(x.probs[k] - y.probs[k]) for k in x.probs) < 1e-4
-        assert -1.0 <= x.score <= 1.0  # a cosine similarity
+        assert -1.0 <= x.rejection_score <= 1.0  # a cosine similarity
 
 
 def test_bank_round_trip_and_missing_bank(tmp_path: Path) -> None:

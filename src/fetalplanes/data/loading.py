@@ -4,12 +4,24 @@ Decoding a PNG costs more than a small network's forward pass, so decoding runs
 in worker processes (torch DataLoader) overlapped with whatever consumes the
 batches. A bad file never stops a batch: it comes back as a failure with its
 one-line message.
+
+Workers never outlive the process that started them: each one asks Linux to SIGKILL it
+when its parent dies (`PR_SET_PDEATHSIG`) and exits at once if the parent is already
+gone, so a `kill -9` of a predict or sort leaves no decoders running. While batches
+stream in the main thread, SIGTERM raises KeyboardInterrupt (`sigterm_interrupts`), so
+a terminated command unwinds like Ctrl-C: workers shut down, temp files removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -121,6 +133,74 @@ def default_workers(n_items: int) -> int:
     return max(1, min(4, (os.cpu_count() or 1)))
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_SECONDS = 0.5
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: the kernel SIGKILLs this process when the thread that forked it exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the getppid checks still apply
+        pass
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _die_with_parent(parent_pid: int | None, forked_by_main_thread: bool, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker must not outlive the process that started it.
+
+    The death signal follows the *thread* that forked the worker, so it is only armed
+    when that is the main thread (whose end is the process's end); otherwise a daemon
+    thread polls `getppid()`. `parent_pid` is None when the parent is not the process
+    that iterates (forkserver start method): the forkserver then ends with it.
+    """
+    if forked_by_main_thread or parent_pid is None:
+        _set_parent_death_signal()
+    if parent_pid is None:
+        return
+    if os.getppid() != parent_pid:  # died before the death signal was armed
+        os._exit(1)
+    if not forked_by_main_thread:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within this block, SIGTERM raises KeyboardInterrupt (once; a second one kills).
+
+    Only in the main thread and only when nobody else handles SIGTERM (a server's own
+    handler is left alone). `finally` blocks then run as on Ctrl-C: worker processes
+    are shut down and temp files removed; the CLI prints one line, "interrupted".
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is interrupt:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def iter_batches(
     paths: Sequence[Path],
     pp: Preprocess,
@@ -136,6 +216,10 @@ def iter_batches(
     """
     ds = PathDataset(paths, pp, indices)
     n_workers = default_workers(len(ds)) if workers is None else workers
+    # workers are forked here, on the first next(), by the thread that iterates
+    by_main = threading.current_thread() is threading.main_thread()
+    method = multiprocessing.get_start_method(allow_none=True)  # never fixes the default
+    forkserver = (method or multiprocessing.get_all_start_methods()[0]) == "forkserver"
     loader = DataLoader(
         ds,
         batch_size=batch_size,
@@ -144,5 +228,7 @@ def iter_batches(
         collate_fn=partial(_collate, model=model),
         prefetch_factor=4 if n_workers else None,
         persistent_workers=False,
+        worker_init_fn=partial(_die_with_parent, None if forkserver else os.getpid(), by_main),
     )
-    yield from loader
+    with sigterm_interrupts():
+        yield from loader
