@@ -80,9 +80,14 @@ EnsembleOpt = Annotated[
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="Zero-shot with published weights instead of a RUN (sononet16/32/64)."),
+    typer.Option(
+        help="Model instead of the first argument: a run folder, an .onnx file, or a "
+        "pretrained name (sononet16 is bundled; `fetalplanes models` lists them)."
+    ),
 ]
-WeightsOpt = Annotated[Path | None, typer.Option(help="Weights file for --model.")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option(help="Weights file for a pretrained name (overrides bundled).")
+]
 
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -93,7 +98,7 @@ MinConfidenceOpt = Annotated[
 
 
 def build_predictor(
-    run: Path | None,
+    run: Path | str | None,
     model: str | None,
     weights: Path | None,
     preset: str,
@@ -102,26 +107,25 @@ def build_predictor(
     min_confidence: float,
     ensemble: str | None = None,
 ) -> Any:
-    """The predictor a command asked for; exports ONNX first when the backend needs it
-    (inference itself never writes into a run folder)."""
+    """The predictor a command asked for. MODEL (positional, or `--model`) is a run folder,
+    an exported .onnx file or a pretrained name (`sononet16`, bundled). Exports ONNX first
+    when a run is used with an ONNX backend (inference itself never writes a run folder)."""
     from fetalplanes.inference.predictor import Predictor
 
+    spec = model if model is not None else run
+    if spec is None:
+        fail("no model given: a run folder, an .onnx file or a pretrained name (sononet16)")
     if ensemble:
         if model is not None or backend != "torch":
             fail("--ensemble combines run folders on the torch backend (no --model/--backend)")
         extra = [Path(p.strip()) for p in ensemble.split(",") if p.strip()]
-        return Predictor.from_ensemble([run, *extra], tta=tta, min_confidence=min_confidence)
-    if model is not None:
-        if weights is None:
-            fail(f"--model {model} needs --weights PATH (published weights file)")
-        return Predictor.from_pretrained(
-            model, weights, preset, tta=tta, min_confidence=min_confidence
-        )
-    assert run is not None
-    if backend in ("onnx", "onnx-int8"):
+        return Predictor.from_ensemble([Path(str(spec)), *extra], tta=tta,
+                                       min_confidence=min_confidence)
+    path = Path(str(spec))
+    if path.is_dir() and backend in ("onnx", "onnx-int8"):
         from fetalplanes.inference.ensemble import is_ensemble_dir
         from fetalplanes.tools.export import ensure_onnx
 
-        if not is_ensemble_dir(run):
-            ensure_onnx(run, int8=backend == "onnx-int8")
-    return Predictor.from_run(run, backend=backend, tta=tta, min_confidence=min_confidence)
+        if not is_ensemble_dir(path):
+            ensure_onnx(path, int8=backend == "onnx-int8")
+    return Predictor.load(spec, weights, preset, backend, tta=tta, min_confidence=min_confidence)

@@ -30,7 +30,10 @@ from fetalplanes.inference.results import Prediction, columns
 def predict(
     args: Annotated[
         list[str],
-        typer.Argument(help="RUN then images/folders; with --model, only images/folders."),
+        typer.Argument(
+            help="MODEL then images/folders. MODEL: a run folder, an .onnx file or a "
+            "pretrained name (sononet16, bundled). With --model, only images/folders."
+        ),
     ],
     fmt: Annotated[Fmt, typer.Option("--format", help="table, json or csv.")] = Fmt.table,
     model: ModelOpt = None,
@@ -50,7 +53,7 @@ def predict(
     run = None if model else Path(args[0])
     inputs = [Path(a) for a in (args if model else args[1:])]
     if not inputs:
-        fail("no images given: fetalplanes predict RUN IMAGE_OR_DIR ...")
+        fail("no images given: fetalplanes predict MODEL IMAGE_OR_DIR ...")
     pred = build_predictor(
         run, model, weights, preset, backend.value, tta, min_confidence, ensemble
     )
@@ -147,6 +150,8 @@ def sort_cmd(
         f"{s.skipped_done} already done, {len(s.failures)} unreadable; "
         f"log: {out / 'predictions.csv'}"
     )
+    if s.all_unreadable:
+        fail(f"none of the {s.found} images in {inp} could be read", 1)
 
 
 def explain(
@@ -169,7 +174,7 @@ def explain(
 
     need = 1 if model else 2
     if len(args) != need:
-        fail("usage: fetalplanes explain RUN IMAGE (or --model M --weights W IMAGE)")
+        fail("usage: fetalplanes explain MODEL IMAGE (MODEL: a run folder or sononet16)")
     image = Path(args[-1])
     run = None if model else Path(args[0])
     predictor = build_predictor(run, model, weights, preset, "torch", False, DEFAULT_MIN_CONF)

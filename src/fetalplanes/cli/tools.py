@@ -12,12 +12,16 @@ from fetalplanes.cli.common import LabelsOpt, PresetOpt
 
 
 def models_cmd() -> None:
-    """List the registered model architectures."""
+    """List the registered architectures; `ready` ones classify real scans out of the box
+    (bundled weights: `fetalplanes predict sononet16 SCANS`)."""
     from fetalplanes.models import list_models
 
+    typer.echo(f"{'name':20s} {'input':9s} {'weights':8s} description")
     for spec in list_models():
         pp = spec.preprocess
-        typer.echo(f"{spec.name:20s} {pp.size[0]}x{pp.size[1]}  {spec.description}")
+        ready = "ready" if spec.bundled_weights() else "-"
+        typer.echo(f"{spec.name:20s} {pp.size[0]}x{pp.size[1]:<5d} {ready:8s} {spec.description}")
+    typer.echo("(also any timm architecture name, trained with `fetalplanes train`)")
 
 
 

@@ -25,7 +25,7 @@ from fetalplanes.models.card import ModelCard, run_folder
 from fetalplanes.models.checkpoint import load_checkpoint
 from fetalplanes.models.devices import pick_device
 from fetalplanes.models.registry import create_model, get_spec
-from fetalplanes.models.sononet import SONONET_LABELS, fold_probabilities
+from fetalplanes.models.sononet_classes import SONONET_LABELS, fold_probabilities
 
 #: Names of the exported graph's input and outputs (the ONNX file has both outputs when
 #: the run has a feature bank, else `logits` only).
@@ -105,7 +105,7 @@ def load_run_backend(
 
 def load_pretrained_backend(
     model: str,
-    weights: str | Path,
+    weights: str | Path | None = None,
     preset: str = "seed4",
     device: str = "auto",
     tta: bool = False,
@@ -118,6 +118,8 @@ def load_pretrained_backend(
             f"--model {model} without a run folder works only for SonoNet weights; "
             "train a run first for other models"
         )
+    if weights is None and spec.bundled_weights() is None:
+        raise FetalPlanesError(f"{model}: no bundled weights; pass --weights PATH")
     net = create_model(model, len(SONONET_LABELS), pretrained=True, weights=weights)
     pp = spec.preprocess if crop is None else spec.preprocess.with_(crop=crop)
     card = ModelCard(model, list(SONONET_LABELS), pp, preset=preset)

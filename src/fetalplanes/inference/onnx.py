@@ -33,6 +33,7 @@ SCORE_NAME = "knn_score"
 #: (score as an extra logits column) count as stale and are re-exported.
 OUTPUT_LAYOUT = 2
 META_KEY = "fetalplanes"  # ONNX metadata entry: what the graph was exported from
+CARD_KEY = "fetalplanes_card"  # ONNX metadata entry: the whole model card (JSON)
 
 
 def ort_module() -> Any:
@@ -185,6 +186,19 @@ class OnnxBackend:
     def worker_model(self) -> OnnxWorkerModel:
         """What `loading.iter_batches` needs to run this model inside its workers."""
         return OnnxWorkerModel(self.path, self.tta)
+
+    def card(self) -> ModelCard:
+        """The model card stored in the graph's metadata by `fetalplanes export`."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if CARD_KEY not in meta:
+            raise CheckpointError(
+                f"{self.path}: this ONNX file carries no fetalplanes model card; use the run "
+                "folder it came from, or re-export it with `fetalplanes export`"
+            )
+        try:
+            return ModelCard.from_dict(json.loads(meta[CARD_KEY]), str(self.path))
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{self.path}: unreadable model card in metadata") from None
 
     def run(self, pixels: np.ndarray) -> Outputs:
         """(N,H,W) pixels -> outputs, in chunks of `max_batch`."""

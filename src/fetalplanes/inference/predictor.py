@@ -84,6 +84,50 @@ class Predictor:
         return cls(*load_run_backend(run, device, tta), min_confidence)
 
     @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        weights: str | Path | None = None,
+        preset: str = "seed4",
+        backend: str = "torch",
+        device: str = "auto",
+        tta: bool = False,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    ) -> Predictor:
+        """One grammar for every command: a run folder (or a folder of runs), an exported
+        `.onnx` file, or a registered pretrained name such as `sononet16`."""
+        path = Path(model)
+        if path.is_dir():
+            return cls.from_run(path, backend, device, tta, min_confidence)
+        if path.suffix == ".onnx":
+            if not path.is_file():
+                raise FetalPlanesError(f"{path}: ONNX file not found")
+            return cls.from_onnx(path, tta=tta, min_confidence=min_confidence)
+        from fetalplanes.models.registry import get_spec, pretrained_names
+
+        name = str(model)
+        if weights is None and name not in pretrained_names():
+            ready = ", ".join(pretrained_names()) or "none"
+            if path.exists() or "/" in name or get_spec_safe(name, get_spec) is None:
+                raise FetalPlanesError(
+                    f"{name}: not a run folder, an .onnx file or a pretrained model name "
+                    f"(ready: {ready})"
+                )
+            raise FetalPlanesError(f"{name}: no bundled weights; pass --weights PATH")
+        return cls.from_pretrained(name, weights, preset, device, tta, min_confidence)
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | Path, tta: bool = False, min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    ) -> Predictor:
+        """A lone exported `.onnx` file: its model card travels in the graph's metadata."""
+        from fetalplanes.inference.onnx import OnnxBackend
+
+        backend = OnnxBackend(path, tta=tta)
+        card = backend.card()
+        return cls(backend, card, min_confidence, fold=zero_shot_fold(card))
+
+    @classmethod
     def from_ensemble(
         cls,
         runs: Sequence[str | Path],
@@ -100,7 +144,7 @@ class Predictor:
     def from_pretrained(
         cls,
         model: str,
-        weights: str | Path,
+        weights: str | Path | None = None,
         preset: str = "seed4",
         device: str = "auto",
         tta: bool = False,
@@ -109,6 +153,7 @@ class Predictor:
     ) -> Predictor:
         """Zero-shot predictor from published weights (SonoNet), folded into a preset.
 
+        `weights` defaults to the weights bundled with the package (SonoNet-16).
         `crop` overrides the model's ultrasound-crop default (to show its effect).
         """
         from fetalplanes.inference.backends import load_pretrained_backend
@@ -241,6 +286,24 @@ class Predictor:
     def predict(self, inputs: Sequence[str | Path], **kw: Any) -> list[Prediction]:
         """Files and folders (recursively) -> predictions, list form."""
         return list(self.predict_paths(list_images([Path(p) for p in inputs]), **kw))
+
+
+def get_spec_safe(name: str, get_spec: Callable[[str], Any]) -> Any:
+    try:
+        return get_spec(name)
+    except FetalPlanesError:
+        return None
+
+
+def zero_shot_fold(card: ModelCard) -> Fold | None:
+    """Folding of a zero-shot SonoNet card's 14 classes into its preset's planes."""
+    from fetalplanes.data.datasets import get_preset
+    from fetalplanes.models.sononet_classes import SONONET_LABELS, fold_probabilities
+
+    if tuple(card.classes) != SONONET_LABELS:
+        return None
+    classes = list(get_preset(card.preset or "seed4").classes)
+    return lambda probs: fold_probabilities(probs, classes)
 
 
 def _check_backend(backend: str) -> None:

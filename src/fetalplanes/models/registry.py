@@ -33,6 +33,14 @@ class ModelSpec:
     needs_weights: bool = False  # pretrained start requires --weights PATH
     gradcam_layer: str = ""  # dotted name of the layer Grad-CAM hooks
     tags: tuple[str, ...] = field(default_factory=tuple)
+    bundled: str = ""  # weights file shipped in fetalplanes/models/pretrained/ ("" = none)
+
+    def bundled_weights(self) -> Path | None:
+        """The weights that ship with the package, so this model works offline as is."""
+        if not self.bundled:
+            return None
+        path = Path(__file__).resolve().parent / "pretrained" / self.bundled
+        return path if path.is_file() else None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -49,6 +57,11 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 def register_fallback(resolve: Callable[[str], ModelSpec | None]) -> None:
     """Let a family answer for names it knows without listing them (e.g. any timm name)."""
     _FALLBACKS.append(resolve)
+
+
+def pretrained_names() -> list[str]:
+    """Registered models that classify fetal planes out of the box (bundled weights)."""
+    return [name for name, spec in sorted(_REGISTRY.items()) if spec.bundled_weights()]
 
 
 def list_models() -> list[ModelSpec]:
@@ -81,6 +94,8 @@ def create_model(
     `input_size` (H, W) matters only to architectures without global pooling (seed-cnn).
     """
     spec = get_spec(name)
+    if pretrained and weights is None:
+        weights = spec.bundled_weights()
     if weights is not None and not Path(weights).is_file():
         raise CheckpointError(f"{weights}: weight file not found")
     if pretrained and spec.needs_weights and weights is None:

@@ -17,7 +17,6 @@ in the two adaption BNs; on the 13 example frames the softmax differs by < 1e-4.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,47 +27,20 @@ from torch import Tensor, nn
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.errors import CheckpointError
 from fetalplanes.models.registry import ModelSpec, register_model
+from fetalplanes.models.sononet_classes import (  # noqa: F401 (re-exported)
+    NOT_TARGET,
+    SONONET_LABELS,
+    SONONET_TO_SEED4,
+    fold_probabilities,
+)
 from fetalplanes.models.weights import load_weights_file
 
-SONONET_LABELS: tuple[str, ...] = (
-    "3VV",
-    "4CH",
-    "Abdominal",
-    "Background",
-    "Brain (Cb.)",
-    "Brain (Tv.)",
-    "Femur",
-    "Kidneys",
-    "Lips",
-    "LVOT",
-    "Profile",
-    "RVOT",
-    "Spine (cor.)",
-    "Spine (sag.)",
-)
 SONONET_INPUT_SIZE: tuple[int, int] = (224, 288)  # (height, width)
 
 #: Fixed crop ``((top, bottom), (left, right))`` that the reference example applies to the
 #: 975x735 example screen captures before resizing; valid only for that capture layout.
 SONONET_EXAMPLE_CROP: tuple[tuple[int, int], tuple[int, int]] = ((115, 734), (81, 874))
 
-NOT_TARGET = "not_target"
-SONONET_TO_SEED4: dict[str, str] = {
-    "3VV": "Fetal thorax",
-    "4CH": "Fetal thorax",
-    "LVOT": "Fetal thorax",
-    "RVOT": "Fetal thorax",
-    "Abdominal": "Fetal abdomen",
-    "Brain (Cb.)": "Fetal brain",
-    "Brain (Tv.)": "Fetal brain",
-    "Femur": "Fetal femur",
-    "Background": NOT_TARGET,
-    "Kidneys": NOT_TARGET,
-    "Lips": NOT_TARGET,
-    "Profile": NOT_TARGET,
-    "Spine (cor.)": NOT_TARGET,
-    "Spine (sag.)": NOT_TARGET,
-}
 
 _BN_EPS = 1e-4
 _WIDTH_MULTIPLIERS = (1, 2, 4, 8, 8)
@@ -242,28 +214,6 @@ def prepare_sononet_input(gray: np.ndarray) -> Tensor:
     return standardize_per_image(t)
 
 
-def fold_probabilities(probs14: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Fold (N, 14) SonoNet probabilities into ``classes`` plus a final ``not_target``.
-
-    Each SonoNet label is summed into its :data:`SONONET_TO_SEED4` class when that class is
-    in ``classes`` and into ``not_target`` otherwise, so rows still sum to 1 and a model
-    trained on fewer planes can be compared with SonoNet.  Returns
-    ``(probs, list(classes) + ["not_target"])``.
-    """
-    probs14 = np.asarray(probs14)
-    if probs14.ndim != 2 or probs14.shape[1] != len(SONONET_LABELS):
-        raise ValueError(f"expected (N, {len(SONONET_LABELS)}) probabilities, got {probs14.shape}")
-    names = list(classes)
-    if NOT_TARGET in names or len(set(names)) != len(names):
-        raise ValueError(f"classes must be unique and exclude {NOT_TARGET!r}: {names}")
-    names.append(NOT_TARGET)
-    column = {name: i for i, name in enumerate(names)}
-    target = [column.get(SONONET_TO_SEED4[label], len(names) - 1) for label in SONONET_LABELS]
-    folding = np.zeros((len(SONONET_LABELS), len(names)), dtype=probs14.dtype)
-    folding[np.arange(len(SONONET_LABELS)), target] = 1
-    return probs14 @ folding, names
-
-
 # ------------------------------------------------------------------ registration
 
 SONONET_URLS = "github.com/rdroste/SonoNet_PyTorch (.pth) or baumgach/SonoNet-weights (.npz)"
@@ -292,9 +242,12 @@ for _n in (16, 32, 64):
             preprocess=Preprocess(size=(224, 288), crop=True, normalize="per_image", mean=0.0,
                                   std=1 / 255),
             family="sononet",
-            description=f"SonoNet-{_n} (Baumgartner et al. 2017); published weights via --weights",
+            description=f"SonoNet-{_n} (Baumgartner et al. 2017)"
+            + ("; published weights bundled (Apache-2.0)" if _n == 16 else
+               "; published weights via --weights"),
             pretrained=f"published fetal-plane weights ({SONONET_URLS})",
-            needs_weights=True,
+            needs_weights=_n != 16,
             gradcam_layer="features.4",
+            bundled="SonoNet16.pth" if _n == 16 else "",
         )
     )

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.inference.backends import InferenceModel
 from fetalplanes.inference.onnx import (
+    CARD_KEY,
     INPUT_NAME,
     INT8_FILE,
     LOGITS_NAME,
@@ -44,7 +45,6 @@ from fetalplanes.models.checkpoint import load_checkpoint
 
 CALIBRATION_IMAGES = 64  # images that set the int8 activation ranges
 MIN_OPSET = 13  # dynamic batch + the ops these CNNs use
-CARD_KEY = "fetalplanes_card"  # ONNX metadata entry: the whole model card (JSON)
 
 
 # ------------------------------------------------------------------ export
