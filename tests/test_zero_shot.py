@@ -79,3 +79,30 @@ def test_zero_shot_sort(sononet, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "out" / "not_target").iterdir())) == 5
     assert len(list((tmp_path / "out" / "Fetal thorax").iterdir())) == 4
+
+
+def test_bundled_weights_need_no_weights_flag(sononet) -> None:
+    """The package ships SonoNet-16: `predict sononet16 FRAMES` works with no --weights and
+    gives the same folded labels as the published file (its sha256 equals download's pin)."""
+    from fetalplanes.models import get_spec
+    from fetalplanes.tools.download import ASSETS, sha256_of
+
+    bundled = get_spec("sononet16").bundled_weights()
+    assert bundled is not None and sha256_of(bundled) == ASSETS["sononet16"].sha256
+    assert (bundled.parent / "LICENSE").is_file() and (bundled.parent / "NOTICE.md").is_file()
+    weights, frames, _ = sononet
+    for args in (["sononet16"], ["--model", "sononet16"]):
+        r = CliRunner().invoke(app, ["predict", *args, "--format", "csv", "-q", str(frames)])
+        assert r.exit_code == 0, r.output
+        rows = list(csv.DictReader(io.StringIO(r.stdout)))
+        assert len(rows) == 13
+        assert all(row["label"] == SEED4_OF.get(Path(row["path"]).stem, "not_target")
+                   for row in rows)
+    header = r.stdout.splitlines()[0].split(",")
+    assert len(header) == len(set(header))  # the zero-shot CSV once had not_target twice
+    assert _predict_csv(weights, frames) == rows
+
+
+def test_unknown_model_name_is_one_line(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["predict", "nonesuch", str(tmp_path)])
+    assert r.exit_code == 2 and "not a run folder, an .onnx file or a pretrained" in r.output
