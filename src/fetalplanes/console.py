@@ -22,3 +22,10 @@ def report_failures(failures: list[tuple[int, str]] | list[str], limit: int = 20
         err.print(f"[yellow]skipped:[/yellow] {m}", markup=True)
     if len(msgs) > limit:
         err.print(f"[yellow]... and {len(msgs) - limit} more unreadable files[/yellow]")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 image', '2 images' (messages count things; '1 images' reads as a bug)."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {many or (word + 'es' if word.endswith(('s', 'x', 'ch')) else word + 's')}"

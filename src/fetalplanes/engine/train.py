@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fetalplanes.console import info, report_failures, warn
+from fetalplanes.console import info, plural, report_failures, warn
 from fetalplanes.data.cache import default_cache_dir, load_arrays
 from fetalplanes.data.datasets import (
     LabelledData,
@@ -761,23 +761,28 @@ def _data_record(data: LabelledData, failures: list[str]) -> dict[str, Any]:
     }
 
 
+def _counts(counts: dict[str, int]) -> str:
+    """'Other: 3, Maternal cervix: 2' (never a Python dict repr in a message)."""
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+
+
 def _print_plan(
     data: LabelledData, split: Split, cfg: TrainConfig, device: torch.device, run: Path
 ) -> None:
     counts = split_counts(data, split)
     info(
         f"data: {data.root} ({data.layout}), preset {data.preset}, "
-        f"{len(data.samples)} images of {len(data.patients)} patients"
+        f"{plural(len(data.samples), 'image')} of {plural(len(data.patients), 'patient')}"
     )
     for name in ("train", "val", "test"):
         per = ", ".join(f"{c}: {n}" for c, n in counts[name].items())
-        info(f"  {name:5s} {len(split.of(name)):4d} patients | {per}")
+        info(f"  {name:5s} {plural(len(split.of(name)), 'patient'):>12s} | {per}")
     if data.dropped:
-        info(f"  dropped (not in preset {data.preset}): {data.dropped}")
+        info(f"  dropped (not in preset {data.preset}): {_counts(data.dropped)}")
     if data.unknown:
-        warn(f"unknown labels ignored: {data.unknown}")
+        warn(f"unknown labels ignored: {_counts(data.unknown)}")
     if data.missing:
-        warn(f"{len(data.missing)} listed images not found (e.g. {data.missing[0]})")
+        warn(f"{plural(len(data.missing), 'listed image')} not found (e.g. {data.missing[0]})")
     info(
         f"model {cfg.model} ({_start_of(cfg)}), "
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {device}; run folder {run}"
