@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from fetalplanes.inference.predictor import Predictor
+from fetalplanes.inference.results import columns
 from fetalplanes.serving import ServeSettings, create_app
 from fetalplanes.serving.explainer import ModuleExplainer
 
@@ -158,10 +159,12 @@ def test_page_end_to_end(browser: Any, predictor: Predictor, scans: Path, tmp_pa
         save_screenshot(page, tmp_path, "serve.png")
         assert not errors, errors
 
-    assert [r["filename"] for r in rows] == [f.name for f in files]
+    assert [r["path"] for r in rows] == [f.name for f in files]
+    assert list(rows[0]) == columns(predictor.output_classes)  # the one result schema
     for row, plane in zip(rows, planes, strict=True):
         assert row["label"] == ("not_target" if plane == "Not a target plane" else plane)
-        assert sum(float(row[c]) for c in predictor.classes) == pytest.approx(1, abs=1e-4)
+        total = sum(float(row["p_" + c]) for c in predictor.classes)
+        assert total == pytest.approx(1, abs=1e-4)
         assert row["error"] == "" and row["uncertain"] in ("0", "1")
 
 
