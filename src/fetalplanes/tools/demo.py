@@ -96,6 +96,7 @@ def run_demo(
         " history.csv, curves.png)"
     )
     info(f"evaluation: {ev.out} (metrics.json, report.md, confusion_matrix.png)")
-    info(f"sorted:     {out / 'sorted'} ({dict(summary.counts)}; predictions.csv)")
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.counts.items()))
+    info(f"sorted:     {out / 'sorted'} ({counts}; predictions.csv)")
     info(f"finished in {time.perf_counter() - t0:.0f} s")
     return {"out": out, "accuracy": acc, "run": result.run, "sorted": out / "sorted"}
