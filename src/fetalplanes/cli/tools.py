@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fetalplanes.cli.common import LabelsOpt, PresetOpt
+from fetalplanes.cli.common import LabelsOpt, PresetOpt, fail
 
 
 def models_cmd() -> None:
@@ -145,10 +145,20 @@ def bench_cmd(
     workers: Annotated[
         int | None, typer.Option(help="Decode worker processes (default: automatic).")
     ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only",
+            help="zero-shot: only the bundled SonoNet-16 rows (end to end per backend, one "
+            "image, peak memory, and a plain batch-1 loop as the baseline).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Measure decode, inference (torch, onnx), latency, training and peak memory here."""
+    """Measure decode, inference (torch, onnx), latency, training and peak memory here; then
+    the bundled SonoNet-16 end to end against a plain loop (`--only zero-shot` for just that)."""
     from fetalplanes.tools.bench import BenchOptions, print_report, run_bench, write_json
+    from fetalplanes.tools.zero_shot_bench import run_zero_shot, zero_shot_rows
 
     opts = BenchOptions(
         device=device.value,
@@ -160,7 +170,18 @@ def bench_cmd(
         rss_images=rss_images,
         workers=workers,
     )
-    report = run_bench(opts, progress=not quiet)
+    if only not in (None, "zero-shot"):
+        fail(f"--only {only}: choose zero-shot")
+    if only == "zero-shot":
+        report = run_zero_shot(opts, progress=not quiet)
+    else:
+        report = run_bench(opts, progress=not quiet)
+        if device is BenchDevice.cpu:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="fetalplanes-bench-") as tmp:
+                n = opts.images or (16 if quick else 1310)
+                report.rows += zero_shot_rows(Path(tmp), n, progress=not quiet)
     print_report(report)
     if json_file is not None:
         write_json(report, json_file)

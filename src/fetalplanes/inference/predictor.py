@@ -27,7 +27,9 @@ DEFAULT_MIN_CONFIDENCE = 0.5
 #: ONNX Runtime is as fast per image at batch 1-4 as at 64, and small chunks keep
 #: every worker busy and the results in order.
 WORKER_BATCH = 4
-BACKENDS = ("torch", "onnx", "onnx-int8")
+#: `auto`: ONNX Runtime for a bundled pretrained model (no torch needed; ~3x faster than
+#: eager torch for SonoNet-16 on a CPU, docs/benchmarks.md), torch for run folders.
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 #: (probabilities over the model's classes) -> (probabilities, names) of a zero-shot model
 Fold = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]
@@ -69,6 +71,7 @@ class Predictor:
 
         run = Path(run)
         _check_backend(backend)
+        backend = "torch" if backend == "auto" else backend
         if is_ensemble_dir(run):
             if backend != "torch":
                 raise FetalPlanesError(f"{run}: ensembles run on the torch backend only")
@@ -89,7 +92,7 @@ class Predictor:
         model: str | Path,
         weights: str | Path | None = None,
         preset: str = "seed4",
-        backend: str = "torch",
+        backend: str = "auto",
         device: str = "auto",
         tta: bool = False,
         min_confidence: float = DEFAULT_MIN_CONFIDENCE,
@@ -102,10 +105,14 @@ class Predictor:
         if path.suffix == ".onnx":
             if not path.is_file():
                 raise FetalPlanesError(f"{path}: ONNX file not found")
-            return cls.from_onnx(path, tta=tta, min_confidence=min_confidence)
-        from fetalplanes.models.registry import get_spec, pretrained_names
+            return cls.from_onnx(path, preset, tta, min_confidence)
+        _check_backend(backend)
+        from fetalplanes.models.registry import bundled_onnx, get_spec, pretrained_names
 
         name = str(model)
+        onnx = bundled_onnx(name) if weights is None else None
+        if onnx is not None and backend in ("auto", "onnx") and _has_onnxruntime():
+            return cls.from_onnx(onnx, preset, tta, min_confidence)
         if weights is None and name not in pretrained_names():
             ready = ", ".join(pretrained_names()) or "none"
             if path.exists() or "/" in name or get_spec_safe(name, get_spec) is None:
@@ -114,17 +121,28 @@ class Predictor:
                     f"(ready: {ready})"
                 )
             raise FetalPlanesError(f"{name}: no bundled weights; pass --weights PATH")
+        if backend not in ("auto", "torch"):
+            raise FetalPlanesError(f"{name}: --backend {backend} needs onnxruntime and the "
+                                   "bundled ONNX file; use --backend torch")
         return cls.from_pretrained(name, weights, preset, device, tta, min_confidence)
 
     @classmethod
     def from_onnx(
-        cls, path: str | Path, tta: bool = False, min_confidence: float = DEFAULT_MIN_CONFIDENCE
+        cls,
+        path: str | Path,
+        preset: str | None = None,
+        tta: bool = False,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     ) -> Predictor:
-        """A lone exported `.onnx` file: its model card travels in the graph's metadata."""
+        """A lone exported `.onnx` file: its model card travels in the graph's metadata.
+
+        `preset` re-folds a zero-shot model's classes (e.g. fpdb6 instead of seed4)."""
         from fetalplanes.inference.onnx import OnnxBackend
 
         backend = OnnxBackend(path, tta=tta)
         card = backend.card()
+        if preset and tuple(card.classes) != tuple(preset_classes(card.preset)):
+            card.preset = preset
         return cls(backend, card, min_confidence, fold=zero_shot_fold(card))
 
     @classmethod
@@ -304,6 +322,18 @@ def zero_shot_fold(card: ModelCard) -> Fold | None:
         return None
     classes = list(get_preset(card.preset or "seed4").classes)
     return lambda probs: fold_probabilities(probs, classes)
+
+
+def preset_classes(name: str) -> tuple[str, ...]:
+    from fetalplanes.data.datasets import get_preset
+
+    return tuple(get_preset(name or "seed4").classes)
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def _check_backend(backend: str) -> None:

@@ -1,9 +1,9 @@
 """Model registry and architectures (seed-cnn, efficientnet_lite0, sononet*, any timm name).
 
-Importing the package registers every built-in family, so `create_model(name)` knows them.
+The families (which need torch) register themselves when the registry is first asked, so
+importing `fetalplanes.models` (e.g. for the sidecar in `models.card`) never imports torch.
 """
 
-from fetalplanes.models import efficientnet, seed_cnn, sononet, timm_models  # noqa: F401
 from fetalplanes.models.registry import (
     ModelSpec,
     create_model,

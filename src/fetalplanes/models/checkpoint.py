@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fetalplanes.errors import CheckpointError
@@ -23,6 +23,7 @@ from fetalplanes.models.card import (  # noqa: F401 (the run-folder API in one p
     save_card,
 )
 from fetalplanes.models.registry import create_model
+from fetalplanes.models.weights import load_safetensors
 
 
 def save_checkpoint(run: Path, model: nn.Module, card: ModelCard) -> None:
@@ -56,12 +57,13 @@ def load_checkpoint(run: str | Path) -> tuple[nn.Module, ModelCard]:
         card.architecture, len(card.classes), pretrained=False, input_size=card.preprocess.size
     )
     wpath = folder / WEIGHTS
-    if not wpath.is_file():
+    if not os.path.lexists(wpath) and os.access(folder, os.X_OK):
         raise CheckpointError(
             f"{wpath}: weights missing (training interrupted before the first epoch finished?)"
         )
+    state = load_safetensors(wpath)
     try:
-        model.load_state_dict(load_file(str(wpath)))
+        model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{wpath}: does not match {card.architecture} ({first})") from None

@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch only for type hints: the registry itself must import without torch
+    from torch import nn
 
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.errors import CheckpointError
 
 # build(num_classes, pretrained, weights, input_size) -> module taking (N,1,H,W) normalised input
-Builder = Callable[[int, bool, "Path | None", tuple[int, int]], nn.Module]
+Builder = Callable[[int, bool, "Path | None", tuple[int, int]], "nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -33,14 +35,10 @@ class ModelSpec:
     needs_weights: bool = False  # pretrained start requires --weights PATH
     gradcam_layer: str = ""  # dotted name of the layer Grad-CAM hooks
     tags: tuple[str, ...] = field(default_factory=tuple)
-    bundled: str = ""  # weights file shipped in fetalplanes/models/pretrained/ ("" = none)
 
     def bundled_weights(self) -> Path | None:
         """The weights that ship with the package, so this model works offline as is."""
-        if not self.bundled:
-            return None
-        path = Path(__file__).resolve().parent / "pretrained" / self.bundled
-        return path if path.is_file() else None
+        return bundled_file(BUNDLED[self.name][0]) if self.name in BUNDLED else None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -54,22 +52,59 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+#: The built-in families, imported on first use (they need torch; the registry does not).
+BUILTIN_FAMILIES = (
+    "fetalplanes.models.efficientnet",
+    "fetalplanes.models.seed_cnn",
+    "fetalplanes.models.sononet",
+    "fetalplanes.models.timm_models",
+)
+
+
+def _ensure_builtins() -> None:
+    """Import the built-in families once (each registers itself)."""
+    import importlib
+
+    for name in BUILTIN_FAMILIES:
+        importlib.import_module(name)
+
+
 def register_fallback(resolve: Callable[[str], ModelSpec | None]) -> None:
     """Let a family answer for names it knows without listing them (e.g. any timm name)."""
     _FALLBACKS.append(resolve)
 
 
+#: Models that ship ready to use: name -> (torch weights, the same model as ONNX), files in
+#: fetalplanes/models/pretrained/. Known without importing torch, so ONNX inference of a
+#: bundled model never loads it.
+BUNDLED: dict[str, tuple[str, str]] = {"sononet16": ("SonoNet16.pth", "sononet16.onnx")}
+
+
+def bundled_file(filename: str) -> Path | None:
+    """A file shipped in fetalplanes/models/pretrained/, or None when it is not installed."""
+    path = Path(__file__).resolve().parent / "pretrained" / filename
+    return path if filename and path.is_file() else None
+
+
 def pretrained_names() -> list[str]:
-    """Registered models that classify fetal planes out of the box (bundled weights)."""
-    return [name for name, spec in sorted(_REGISTRY.items()) if spec.bundled_weights()]
+    """Models that classify fetal planes out of the box (bundled weights)."""
+    return [name for name, (weights, _) in sorted(BUNDLED.items()) if bundled_file(weights)]
+
+
+def bundled_onnx(name: str) -> Path | None:
+    """The bundled ONNX copy of pretrained model `name` (torch-free inference)."""
+    return bundled_file(BUNDLED[name][1]) if name in BUNDLED else None
 
 
 def list_models() -> list[ModelSpec]:
+    _ensure_builtins()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def get_spec(name: str) -> ModelSpec:
     """The spec of a registered model, or of any timm architecture (weights via --weights)."""
+    if name not in _REGISTRY:
+        _ensure_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
     for resolve in _FALLBACKS:
@@ -88,7 +123,7 @@ def create_model(
     pretrained: bool = True,
     weights: str | Path | None = None,
     input_size: tuple[int, int] | None = None,
-) -> nn.Module:
+) -> Any:
     """Build a model by name for `num_classes` outputs, optionally from pretrained weights.
 
     `input_size` (H, W) matters only to architectures without global pooling (seed-cnn).

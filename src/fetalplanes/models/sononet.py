@@ -248,6 +248,5 @@ for _n in (16, 32, 64):
             pretrained=f"published fetal-plane weights ({SONONET_URLS})",
             needs_weights=_n != 16,
             gradcam_layer="features.4",
-            bundled="SonoNet16.pth" if _n == 16 else "",
         )
     )

@@ -51,6 +51,10 @@ CPU_TARGETS: tuple[tuple[str, str, float, str], ...] = (
     ("latency_onnx-int8_p50_ms", "<=", 20.0, "single-image latency p50, ms (int8)"),
     ("train_cache_img_s", ">=", 15.0, "training from cache, img/s"),
     ("sort_peak_mb", "<", 1500.0, "peak memory while sorting, MB"),
+    ("zero_shot_onnx_img_s", ">=", 90.0, "SonoNet-16 predict of a folder, img/s"),
+    ("zero_shot_onnx_peak_mb", "<=", 800.0, "SonoNet-16 predict peak memory, MB"),
+    ("zero_shot_onnx_one_image_s", "<=", 1.5, "SonoNet-16 one image on the CLI, s"),
+    ("scan_fps", ">=", 25.0, "scan of a clip with SonoNet-16, frames/s"),
 )
 
 

@@ -61,6 +61,24 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = 17)
     model, card = load_checkpoint(folder)
     target = Path(out) if out is not None else folder / ONNX_FILE
     net = InferenceModel(model, card.preprocess, load_knn(folder, card.rejection)).eval()
+    return _write_onnx(net, card, target, opset, str(folder))
+
+
+def export_pretrained(name: str, out: str | Path, opset: int = 17) -> Path:
+    """Export a pretrained zero-shot model (the bundled SonoNet-16) with its card, so ONNX
+    Runtime can run it with no torch: `Predictor.from_onnx(out)` folds it like torch does."""
+    from fetalplanes.inference.backends import load_pretrained_backend
+
+    backend, card, _ = load_pretrained_backend(name, device="cpu")
+    return _write_onnx(backend.net.eval().to(memory_format=torch.contiguous_format), card,
+                       Path(out), opset, name)
+
+
+def _write_onnx(net: nn.Module, card: ModelCard, target: Path, opset: int, source: str) -> Path:
+    """Trace `net` to `target` atomically, stamped with its fingerprint and card."""
+    if opset < MIN_OPSET:
+        raise FetalPlanesError(f"--opset {opset} is too old; use {MIN_OPSET} or newer")
+    folder = source
     example = torch.full((2, 1, *card.preprocess.size), 128.0)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
