@@ -77,7 +77,7 @@ def test_predict_bad_file_is_one_line_and_batch_survives(trained_run: Path, scan
 
 def test_predict_missing_run(tmp_path: Path, scans: Path) -> None:
     r = runner.invoke(app, ["predict", str(tmp_path / "norun"), str(scans)])
-    assert r.exit_code == 2 and "run folder not found" in r.output
+    assert r.exit_code == 2 and "not a run folder" in r.output
 
 
 def test_evaluate_and_sort(trained_run: Path, scans: Path, tmp_path: Path) -> None:

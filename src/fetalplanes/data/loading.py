@@ -197,8 +197,10 @@ def sigterm_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGTERM) is interrupt:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # a generator may be closed by another thread, where signals cannot be set
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(signal.SIGTERM) is interrupt:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def iter_batches(

@@ -1,35 +1,90 @@
 """Sort images into one folder per predicted plane, safely.
 
-Guarantees: inputs are only ever read; nothing existing is overwritten (a name
-collision with different content gets a `-1`, `-2` ... suffix); each copy appears
-atomically (temp file + hard link, so a crash never leaves a half file under a
-final name); `predictions.csv` is appended and flushed per image (fsynced at most
-every `FSYNC_SECONDS`), and a second run skips images already recorded, so an
-interrupted run resumes losslessly: a copy whose journal line was lost to a power
-cut is found identical and reused, never duplicated.
+Guarantees:
+
+- Inputs are only ever read. OUT may lie inside IN (its files are then excluded from
+  the input) but may neither be IN nor contain it.
+- Nothing existing is overwritten (a name collision with different content gets a
+  `-1`, `-2` ... suffix). Each copy appears atomically: it is written to
+  `.NAME.PID.partial` beside its destination and hard-linked into place, so a crash
+  never leaves a half file under a final name. `.partial` files left by a killed run
+  are removed when the next sort starts.
+- One sort at a time per OUT: `OUT/.fetalplanes-sort.lock` is held with `flock` for the
+  whole run. The kernel drops the lock when the process dies, so a killed sort never
+  blocks the next one; a second sort running at the same time refuses with one line
+  naming the holder (pid, host, start time).
+- The journal `OUT/predictions.csv` (result columns + `destination`) is created with
+  its header atomically (temp file, fsync, link), then grows by whole rows, one per
+  image, written after its copy and fsynced at most every `FSYNC_SECONDS`; a row whose
+  write fails is cut off again. A rerun skips images journalled without error, so an
+  interrupted run resumes losslessly: a copy whose row was lost is found identical and
+  reused, never duplicated.
+- Journal repair, when a sort starts: trailing NUL bytes and a torn last line (no final
+  newline) are dropped; an empty or headerless journal is rebuilt with the header
+  (rows of the journal's width kept, malformed ones dropped: their images are sorted
+  again, existing copies reused); a fetalplanes 0.1 journal (`source` column instead of
+  `path`) is rewritten in the current layout and its rows still count as done. A
+  journal written for other classes, or a file that is no sort journal, is refused
+  with one line. Rewrites are atomic (temp file + rename).
+- Unreadable images are journalled once, with their error. A rerun reads them again: an
+  image that now decodes is sorted and journalled as usual; one that still fails with
+  the same message is reported but not journalled again (a new message gets a new
+  row). When every input is unreadable, `SortSummary.all_unreadable` says so (the CLI
+  exits 1).
+- Output faults (a read-only folder or journal, a full disk) end the sort with one
+  `FetalPlanesError` line naming the path and the problem; no `.partial` file is left
+  behind and the journal stays valid, so a later run carries on where this one stopped.
+- SIGTERM ends a sort like Ctrl-C (KeyboardInterrupt): temp files removed, the lock
+  released, decode workers gone (they also die with a `kill -9`ed sort; `data.loading`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
+import io
 import os
+import re
 import shutil
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from fetalplanes.console import info, report_failures
+from fetalplanes.console import info, report_failures, warn
 from fetalplanes.data.images import list_images
-from fetalplanes.errors import FetalPlanesError
+from fetalplanes.data.loading import sigterm_interrupts
+from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.results import Prediction, columns
+from fetalplanes.inference.results import PROB_PREFIX, Prediction, columns, failed
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; sorts into one OUT must not overlap
+    fcntl = None  # type: ignore[assignment]
 
 JOURNAL = "predictions.csv"
+LOCK = ".fetalplanes-sort.lock"
 FSYNC_SECONDS = 0.5  # a disk flush per image would cost ~10 ms on a spinning disk
 #: The journal is the result schema (`results.columns`) plus where the copy went.
 DEST_COLUMN = "destination"
+#: fetalplanes 0.1 journals named the path column `source`.
+LEGACY_PATH_COLUMN = "source"
+#: Temp files of copies and journal rewrites: `.NAME.PID.partial`.
+PARTIAL = re.compile(r"^\..+\.(\d+)\.partial$")
+_ENCODING = ("utf-8", "surrogateescape")  # any file name round-trips
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 @dataclass
@@ -39,8 +94,53 @@ class SortSummary:
     copied: int = 0
     skipped_done: int = 0
     failures: list[str] = field(default_factory=list)
+    found: int = 0  # images found in the input folder
+
+    @property
+    def all_unreadable(self) -> bool:
+        """Images were found and not one of them could be read."""
+        return self.found > 0 and len(self.failures) == self.found
 
 
+# ------------------------------------------------------------------ faults
+def _reason(exc: OSError) -> str:
+    return _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+
+
+def _output_error(path: Path, exc: OSError) -> FetalPlanesError:
+    return FetalPlanesError(f"{path}: cannot write the output ({_reason(exc)})")
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FetalPlanesError(f"{folder}: exists and is not a folder") from None
+    except OSError as exc:
+        raise _output_error(folder, exc) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# ------------------------------------------------------------------ copies
 def _digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -49,63 +149,400 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _same_content(a: Path, b: Path) -> bool:
-    return a.stat().st_size == b.stat().st_size and _digest(a) == _digest(b)
+def _same_content(src: Path, dest: Path) -> bool:
+    try:
+        size, digest = src.stat().st_size, _digest(src)
+    except OSError as exc:
+        raise ImageError(f"{src}: {_reason(exc)}") from None
+    try:
+        return dest.stat().st_size == size and _digest(dest) == digest
+    except OSError as exc:
+        raise FetalPlanesError(f"{dest}: cannot read the output ({_reason(exc)})") from None
+
+
+def _copy_file(src: Path, tmp: Path, dest: Path) -> None:
+    """src -> tmp with src's times and mode; a write fault names `dest`, a read fault src."""
+    try:
+        fsrc = open(src, "rb")  # noqa: SIM115 (a `with` follows; open faults are the source's)
+    except OSError as exc:
+        raise ImageError(f"{src}: {_reason(exc)}") from None
+    with fsrc:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        except OSError as exc:
+            raise _output_error(tmp.parent, exc) from None
+        written = False
+        try:
+            while True:
+                try:
+                    chunk = fsrc.read(1 << 20)
+                except OSError as exc:
+                    raise ImageError(f"{src}: {_reason(exc)}") from None
+                if not chunk:
+                    break
+                try:
+                    _write_all(fd, chunk)
+                except OSError as exc:
+                    raise _output_error(dest, exc) from None
+            written = True
+        finally:
+            try:
+                os.close(fd)
+            except OSError as exc:  # e.g. a full network file system reports on close
+                if written:
+                    raise _output_error(dest, exc) from None
+    with contextlib.suppress(OSError):
+        shutil.copystat(src, tmp)  # like shutil.copy2; metadata is best effort
+
+
+def _link_into_place(tmp: Path, dest: Path) -> bool:
+    """Give tmp the name dest unless dest exists (False): never overwrites."""
+    try:
+        os.link(tmp, dest)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise _output_error(dest, exc) from None
+    if os.path.lexists(dest):  # file systems without hard links
+        return False
+    try:
+        os.rename(tmp, dest)
+    except OSError as exc:
+        raise _output_error(dest, exc) from None
+    return True
 
 
 def safe_copy(src: Path, folder: Path) -> Path:
-    """Copy src into folder without overwriting; reuse an identical earlier copy."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Copy src into folder without overwriting; reuse an identical earlier copy.
+
+    Raises `ImageError` when src cannot be read and `FetalPlanesError` (naming the
+    path) when the copy cannot be written; no temp file is left either way.
+    """
+    _make_dir(folder)
     stem, suffix = src.stem, src.suffix
     for i in range(100_000):
         dest = folder / (src.name if i == 0 else f"{stem}-{i}{suffix}")
-        if dest.exists():
-            if _same_content(src, dest):
+        if os.path.lexists(dest):
+            if dest.is_file() and _same_content(src, dest):
                 return dest  # done by an earlier, interrupted run
             continue
         tmp = folder / f".{dest.name}.{os.getpid()}.partial"
-        shutil.copy2(src, tmp)
         try:
-            os.link(tmp, dest)  # fails if dest appeared meanwhile: never overwrites
-        except FileExistsError:
-            continue
-        except OSError:  # file systems without hard links
-            if dest.exists():
-                continue
-            os.rename(tmp, dest)
-            return dest
+            _copy_file(src, tmp, dest)
+            if _link_into_place(tmp, dest):
+                return dest
         finally:
-            if tmp.exists():
-                tmp.unlink()
-        return dest
+            _unlink_quietly(tmp)
     raise FetalPlanesError(f"{folder}: too many files named like {src.name}")
 
 
-def journal_columns(classes: list[str]) -> list[str]:
-    return [*columns(classes), DEST_COLUMN]
+# ------------------------------------------------------------------ the output folder
+class _OutputLock:
+    """`flock` on OUT/.fetalplanes-sort.lock: one sort per output folder at a time."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / LOCK
+        self.fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self.fd >= 0
+
+    def __enter__(self) -> _OutputLock:
+        if fcntl is None:
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise _output_error(self.out, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise FetalPlanesError(
+                    f"{self.out}: another sort is writing into this folder ({holder}); "
+                    "wait for it to finish or choose another output folder"
+                ) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    warn(
+                        f"{self.path}: this file system cannot lock ({_reason(exc)}); "
+                        "make sure no other sort writes into this folder"
+                    )
+                    return self
+                raise FetalPlanesError(f"{self.path}: cannot lock ({_reason(exc)})") from None
+            if _is_same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed it between our open and flock: lock the new one
+        self.fd = fd
+        started = datetime.now().astimezone().isoformat(timespec="seconds")
+        note = f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n"
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, os.pwrite(fd, note.encode(), 0))  # never empty in between
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            _unlink_quietly(self.path)  # while still holding it (see _is_same_file)
+            os.close(self.fd)
+            self.fd = -1
 
 
-def _read_journal(path: Path) -> set[str]:
-    """Sources already sorted (journals of 0.1 named the column `source`)."""
-    if not path.is_file():
-        return set()
-    with open(path, newline="") as f:
-        return {
-            row.get("path") or row.get("source") or ""
-            for row in csv.DictReader(f)
-            if not row.get("error")
-        }
+def _is_same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _lock_holder(fd: int) -> str:
+    for _ in range(10):  # the holder writes its note just after taking the lock
+        with contextlib.suppress(OSError):
+            note = os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
+            if note:
+                return note.splitlines()[0]
+        time.sleep(0.02)
+    return "holder unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, someone else's
+        return True
+    return True
+
+
+def _clean_partials(out: Path, locked: bool) -> None:
+    """Remove temp files of killed runs: all of them under the lock (none is being
+    written), else only those whose process is gone."""
+    folders = [out]
+    with contextlib.suppress(OSError):
+        folders += [Path(e.path) for e in os.scandir(out) if e.is_dir(follow_symlinks=False)]
+    for folder in folders:
+        try:
+            found = [(e.name, PARTIAL.match(e.name)) for e in os.scandir(folder) if e.is_file()]
+        except OSError:
+            continue
+        for name, m in found:
+            if m is None or (not locked and _pid_alive(int(m.group(1)))):
+                continue
+            try:
+                os.unlink(folder / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                warn(f"{folder / name}: cannot remove this temp file ({_reason(exc)})")
 
 
 def _check_folders(inp: Path, out: Path) -> None:
     if not inp.is_dir():
         raise FetalPlanesError(f"{inp}: input folder not found")
-    if inp.resolve() == out.resolve():
+    i, o = inp.resolve(), out.resolve()
+    if i == o:
         raise FetalPlanesError(f"{out}: output folder must differ from the input folder")
-    if inp.resolve() in out.resolve().parents:
+    if o in i.parents:
+        raise FetalPlanesError(
+            f"{out}: output folder contains the input folder {inp}; "
+            "choose an output folder outside it"
+        )
+    if i in o.parents:
         info(f"note: {out} is inside {inp}; its files are excluded from the input")
 
 
+# ------------------------------------------------------------------ the journal
+def journal_columns(classes: list[str]) -> list[str]:
+    return [*columns(classes), DEST_COLUMN]
+
+
+def _csv_bytes(header: list[str], rows: list[dict[str, str]], with_header: bool) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, header, restval="", extrasaction="ignore")
+    if with_header:
+        w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode(*_ENCODING)
+
+
+class _Journal:
+    """Appends whole rows to an open journal; a failed write is cut off again."""
+
+    def __init__(self, path: Path, header: list[str]):
+        self.path = path
+        self.header = header
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self.size = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise _output_error(path, exc) from None
+        self.synced = time.monotonic()
+
+    def append(self, row: dict[str, str]) -> None:
+        data = _csv_bytes(self.header, [row], with_header=False)
+        try:
+            _write_all(self.fd, data)
+        except BaseException as exc:  # a full disk, or an interrupt mid-row
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            if isinstance(exc, OSError):
+                raise _output_error(self.path, exc) from None
+            raise
+        self.size += len(data)
+        if time.monotonic() - self.synced > FSYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _output_error(self.path, exc) from None
+        self.synced = time.monotonic()
+
+    def __enter__(self) -> _Journal:
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: object) -> None:
+        try:
+            if exc_type is None:
+                self.sync()
+            else:
+                with contextlib.suppress(OSError):
+                    os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _write_new_journal(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    """Write header + rows to a temp file, fsync, then put it in place atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, _csv_bytes(header, rows, with_header=True))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if path.exists():
+            os.replace(tmp, path)  # a repair: the old content is already read
+        elif not _link_into_place(tmp, path):  # only if still absent
+            raise FetalPlanesError(f"{path}: appeared while the sort started; run it again")
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    finally:
+        _unlink_quietly(tmp)
+
+
+def _is_header(record: list[str]) -> bool:
+    return DEST_COLUMN in record and ("path" in record or LEGACY_PATH_COLUMN in record)
+
+
+def _class_names(header: list[str]) -> list[str]:
+    return [c.removeprefix(PROB_PREFIX) for c in header if c.startswith(PROB_PREFIX)]
+
+
+def _not_a_journal(path: Path, why: str) -> FetalPlanesError:
+    return FetalPlanesError(
+        f"{path}: not a sort journal ({why}); move it away or choose another output folder"
+    )
+
+
+def _parse_journal(
+    path: Path, data: bytes, want: list[str]
+) -> tuple[list[str], list[dict[str, str]], int | None, list[str]]:
+    """(header, rows, keep, notes): the journal after repair, see the module doc.
+
+    `keep` is the byte length to truncate the file to when that is the whole repair,
+    None when the file must be rewritten (or needs nothing: keep == len(data)).
+    """
+    notes: list[str] = []
+    clean = data.rstrip(b"\0")
+    if clean and not clean.endswith(b"\n"):
+        clean = clean[: clean.rfind(b"\n") + 1]
+        notes.append("dropped its torn last line")
+    try:
+        text = clean.decode(*_ENCODING)
+        records = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise _not_a_journal(path, str(exc)) from None
+    if not records:
+        return want, [], None, [*notes, "rebuilt it (it was empty)"]
+    first = records[0]
+    if not _is_header(first):
+        rows = [
+            dict(zip(want, r, strict=True))
+            for r in records
+            if len(r) == len(want) and os.path.isabs(r[0])
+        ]
+        if not rows:
+            raise _not_a_journal(path, f"no header and no rows of {len(want)} columns")
+        dropped = len(records) - len(rows)
+        notes.append(f"restored its header (kept {len(rows)} rows, dropped {dropped})")
+        return want, rows, None, notes
+    if sorted(_class_names(first)) != sorted(_class_names(want)):
+        raise FetalPlanesError(
+            f"{path}: journal of a model with other classes "
+            f"({', '.join(_class_names(first))}; this model: {', '.join(_class_names(want))}); "
+            "sort into another output folder"
+        )
+    good = [dict(zip(first, r, strict=True)) for r in records[1:] if len(r) == len(first)]
+    dropped = len(records) - 1 - len(good)
+    if "path" not in first:  # fetalplanes 0.1
+        rows = [{c: r.get(c, "") for c in want} | {"path": r[LEGACY_PATH_COLUMN]} for r in good]
+        notes.append("rewrote it in the current layout (fetalplanes 0.1 journal)")
+        return want, rows, None, notes
+    if set(first) != set(want):
+        raise _not_a_journal(path, "columns of another fetalplanes version")
+    if dropped:
+        notes.append(f"dropped {dropped} malformed rows (those images are sorted again)")
+        return first, good, None, notes
+    return first, good, len(clean), notes
+
+
+def _open_journal(path: Path, classes: list[str]) -> tuple[_Journal, set[str], dict[str, str]]:
+    """The journal ready to append (created or repaired), sources done, errors journalled."""
+    want = journal_columns(classes)
+    if not os.path.lexists(path):
+        _write_new_journal(path, want, [])
+        return _Journal(path, want), set(), {}
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # read-only: refuse before repairs
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    header, rows, keep, notes = _parse_journal(path, data, want)
+    if keep is None:
+        _write_new_journal(path, header, rows)
+    elif keep != len(data):
+        try:
+            os.truncate(path, keep)
+        except OSError as exc:
+            raise _output_error(path, exc) from None
+    if notes:
+        info(f"repaired {path}: {'; '.join(notes)}")
+    done: set[str] = set()
+    errors: dict[str, str] = {}
+    for r in rows:
+        src = r.get("path", "")
+        if r.get("error"):
+            errors[src] = r["error"]
+        else:
+            done.add(src)
+    return _Journal(path, header), done, {k: v for k, v in errors.items() if k not in done}
+
+
+# ------------------------------------------------------------------ sorting
 def sort_images(
     predictor: Predictor,
     input_dir: str | Path,
@@ -120,44 +557,53 @@ def sort_images(
     _check_folders(inp, out)
     if min_confidence is not None:
         predictor.min_confidence = min_confidence
-    out_res = out.resolve()
-    files = [f for f in list_images([inp]) if out_res not in f.resolve().parents]
-    journal = out / JOURNAL
-    done = _read_journal(journal)
-    todo = [f for f in files if str(f.resolve()) not in done]
-    summary = SortSummary(out, skipped_done=len(files) - len(todo))
-    if summary.skipped_done:
-        info(f"{summary.skipped_done} images already sorted in {out} (skipped)")
-    out.mkdir(parents=True, exist_ok=True)
     classes = predictor.output_classes
-    new_file = not journal.is_file()
-    with open(journal, "a", newline="") as f:
-        writer = csv.DictWriter(f, journal_columns(classes), extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        synced = time.monotonic()
-        for p in predictor.predict_paths(todo, batch_size, workers, progress):
-            writer.writerow(_journal_row(p, out, summary, classes))
-            f.flush()
-            if time.monotonic() - synced > FSYNC_SECONDS:
-                os.fsync(f.fileno())
-                synced = time.monotonic()
-        os.fsync(f.fileno())
+    out_res = out.resolve()
+    # the input folder resolved: the same file has the same path (and error text) every run
+    files = [f for f in list_images([inp.resolve()]) if out_res not in f.resolve().parents]
+    summary = SortSummary(out, found=len(files))
+    _make_dir(out)
+    with sigterm_interrupts(), _OutputLock(out) as lock:
+        _clean_partials(out, lock.held)
+        journal, done, errors = _open_journal(out / JOURNAL, classes)
+        with journal:
+            todo = [f for f in files if str(f.resolve()) not in done]
+            summary.skipped_done = len(files) - len(todo)
+            if summary.skipped_done:
+                info(f"{summary.skipped_done} images already sorted in {out} (skipped)")
+            stream = predictor.predict_paths(todo, batch_size, workers, progress)
+            try:
+                for p in stream:
+                    row = _journal_row(p, out, summary, classes, errors)
+                    if row is not None:
+                        journal.append(row)
+            finally:
+                stream.close()  # shuts the decode workers down now, also on errors
     report_failures(summary.failures)
     return summary
 
 
 def _journal_row(
-    p: Prediction, out: Path, summary: SortSummary, classes: list[str]
-) -> dict[str, str]:
-    """Copy a readable image to its folder; the journal row records source and copy."""
+    p: Prediction,
+    out: Path,
+    summary: SortSummary,
+    classes: list[str],
+    errors: dict[str, str],
+) -> dict[str, str] | None:
+    """Copy a readable image to its folder; the journal row records source and copy
+    (None: an error journalled before, unchanged)."""
     src = Path(p.path)
     p.path = str(src.resolve())
-    if not p.ok:
-        summary.failures.append(p.error or "unknown error")
-        return p.to_row(classes) | {DEST_COLUMN: ""}
-    folder = p.destination
-    dest = safe_copy(src, out / folder)
-    summary.counts[folder] += 1
-    summary.copied += 1
-    return p.to_row(classes) | {DEST_COLUMN: str(dest.relative_to(out))}
+    if p.ok:
+        folder = p.destination
+        try:
+            dest = safe_copy(src, out / folder)
+        except ImageError as exc:  # the source went away after it was read
+            p = failed(p.path, str(exc))
+        else:
+            summary.counts[folder] += 1
+            summary.copied += 1
+            return p.to_row(classes) | {DEST_COLUMN: str(dest.relative_to(out))}
+    summary.failures.append(p.error or "unknown error")
+    row = p.to_row(classes) | {DEST_COLUMN: ""}
+    return None if errors.get(row["path"]) == row["error"] else row
