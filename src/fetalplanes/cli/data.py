@@ -79,6 +79,9 @@ def _print_check(report: Any) -> None:
         str(len(d.patients)),
     )
     con.print(t)
+    for key, counts in report.groups.items():
+        con.print(f"images per {key}: " + ", ".join(f"{k} {n}" for k, n in counts.items()),
+                  markup=False)
     problems = [
         ("dropped (planes outside the preset)", [f"{k}: {v}" for k, v in d.dropped.items()]),
         ("unknown labels", [f"{k}: {v}" for k, v in d.unknown.items()]),

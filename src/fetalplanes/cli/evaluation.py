@@ -22,8 +22,8 @@ def evaluate(
     data: Annotated[
         Path | None,
         typer.Argument(
-            help="Data folder (default: the training "
-            "data, test patients only; another folder is evaluated whole)."
+            help="Data folder (default: the training data, test patients only; another "
+            "folder is evaluated whole, on its own classes matched to the model's by name)."
         ),
     ] = None,
     split: Annotated[Split_, typer.Option(help="Which recorded patients.")] = Split_.test,
@@ -31,6 +31,14 @@ def evaluate(
         Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT).")
     ] = None,
     labels: LabelsOpt = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Read DATA under this preset instead of the run's (its classes must be "
+            "among the model's).",
+        ),
+    ] = None,
     backend: BackendArg = BackendOpt.torch,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
@@ -43,7 +51,8 @@ def evaluate(
         ),
     ] = None,
 ) -> None:
-    """Loss, accuracy, balanced accuracy, F1, per-class metrics, confusion matrix, calibration."""
+    """Loss, accuracy, balanced accuracy, F1, per-class metrics, confusion matrix, calibration;
+    per site/machine/operator when the label file records them."""
     from fetalplanes.engine.evaluate import evaluate as evaluate_fn
 
     predictor = None
@@ -60,5 +69,6 @@ def evaluate(
         tta=tta,
         predictor=predictor,
         ood=ood,
+        preset=preset,
     )
 

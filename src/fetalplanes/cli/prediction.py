@@ -39,7 +39,7 @@ def predict(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: BackendArg = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.auto,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     min_confidence: Annotated[
@@ -48,7 +48,7 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Plane and every class probability for each image (class names from the checkpoint)."""
-    from fetalplanes.data.images import list_images
+    from fetalplanes.data.loading import list_items
 
     run = None if model else Path(args[0])
     inputs = [Path(a) for a in (args if model else args[1:])]
@@ -57,7 +57,7 @@ def predict(
     pred = build_predictor(
         run, model, weights, preset, backend.value, tta, min_confidence, ensemble
     )
-    files = list_images(inputs)
+    files = list_items(inputs)
     if not files:
         fail(f"no image files found in {', '.join(map(str, inputs))}")
     stream = pred.predict_paths(files, progress=not quiet and len(files) > 1)
@@ -123,7 +123,7 @@ def sort_cmd(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: BackendArg = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.auto,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,

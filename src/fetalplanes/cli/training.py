@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
-import json
+import functools
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from fetalplanes.cli.common import LabelsOpt, PresetOpt, QuietOpt, fail
+from fetalplanes.errors import FetalPlanesError
 
 
+def _one_voice(fn: Any) -> Any:
+    """In a torchrun job only the first process to fail prints why (`JobFailed.quiet`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FetalPlanesError as exc:
+            if getattr(exc, "quiet", False):
+                raise typer.Exit(2) from None
+            raise
+
+    return wrapper
+
+
+def _single_process(what: str) -> None:
+    """Cross-validation and tuning run many trainings; under torchrun they would race."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        fail(f"{what} runs in one process: launch it with `fetalplanes`, not torchrun")
+
+
+@_one_voice
 def train(
     data: Annotated[
         Path | None,
@@ -19,7 +43,14 @@ def train(
         ),
     ] = None,
     labels: LabelsOpt = None,
-    preset: PresetOpt = "seed4",
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Label preset: seed4, fpdb6 or brain3 (default: the --config recipe's, "
+            "else seed4).",
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Architecture (see `fetalplanes models`). Default efficientnet_lite0."),
@@ -69,7 +100,11 @@ def train(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (GPU).")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="JSON config (e.g. from `tune`); flags override it.")
+        Path | None,
+        typer.Option(
+            help="JSON config (e.g. from `tune`) or a shipped recipe: fpdb6-lite0, "
+            "fpdb6-sononet16, brain3-lite0 (docs/results.md); flags override it."
+        ),
     ] = None,
     rejection_score: Annotated[
         str | None,
@@ -110,9 +145,21 @@ def train(
             "mlflow (RUN/mlflow.db); needs the extra of the same name.",
         ),
     ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="Under torchrun on GPUs: BatchNorm statistics over the whole batch of all "
+            "processes (SyncBatchNorm); for small per-GPU batches.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Train a model on held-out-patient splits; writes weights, sidecar, history, curves."""
+    """Train a model on held-out-patient splits; writes weights, sidecar, history, curves.
+
+    Several processes or machines: torchrun --nproc-per-node N -m fetalplanes train DATA
+    (docs/scale.md); --batch-size stays the global batch, rank 0 writes the run folder.
+    """
     if resume is not None:
         from fetalplanes.engine.train import Trainer
 
@@ -124,13 +171,13 @@ def train(
         fail("no data folder given: fetalplanes train DATA (or --resume RUN)")
     from fetalplanes.engine.train import TrainConfig
     from fetalplanes.engine.train import train as train_fn
+    from fetalplanes.recipes import choose_preset, read_config
 
-    base = TrainConfig()
+    base, recipe = TrainConfig(), None
     if config is not None:
-        try:
-            base = TrainConfig.from_dict(json.loads(config.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            fail(f"{config}: cannot read config ({exc})")
+        values, recipe = read_config(config)
+        base = TrainConfig.from_dict(values)
+    preset = choose_preset(preset, recipe)
     cfg = base.updated(
         model=model,
         epochs=epochs,
@@ -152,10 +199,12 @@ def train(
         rejection_score=rejection_score,
         rejection_recall=rejection_recall,
         log=log,
+        sync_bn=sync_bn,
     )
     if folds is not None:
         from fetalplanes.engine.crossval import cross_validate
 
+        _single_process("--folds")
         if folds < 2:
             fail(f"--folds must be at least 2, got {folds}")
         cross_validate(data, cfg, folds, out, labels=labels, preset=preset, progress=not quiet)
@@ -164,16 +213,11 @@ def train(
 
 
 def _base_config(config: Path | None, **changes: Any) -> Any:
-    import json
-
+    """`--config` (a JSON file or a recipe name, as for train) with the flags on top."""
     from fetalplanes.engine.train import TrainConfig
+    from fetalplanes.recipes import read_config
 
-    base = TrainConfig()
-    if config is not None:
-        try:
-            base = TrainConfig.from_dict(json.loads(config.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            fail(f"{config}: cannot read config ({exc})")
+    base = TrainConfig() if config is None else TrainConfig.from_dict(read_config(config)[0])
     size = changes.pop("img_size", None)
     return base.updated(img_size=(size, size) if size else None, **changes)
 
@@ -207,6 +251,7 @@ def crossval(
     """K-fold cross-validation by patient: OUT/fold-1..K, mean ± sd in OUT/cv_summary.json."""
     from fetalplanes.engine.crossval import cross_validate
 
+    _single_process("crossval")
     if folds < 2:
         fail(f"--folds must be at least 2, got {folds}")
     cfg = _base_config(config, model=model, epochs=epochs, img_size=img_size, lr=lr, seed=seed)
@@ -244,6 +289,7 @@ def tune(
     from fetalplanes.engine.tune import SearchSpace
     from fetalplanes.engine.tune import tune as tune_fn
 
+    _single_process("tune")
     cfg = _base_config(config, epochs=epochs, img_size=img_size, seed=seed)
     space = SearchSpace()
     if models:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from fetalplanes.data.datasets import LabelledData, Split, split_by_patient, split_counts
+from fetalplanes.data.datasets import (
+    META_KEYS,
+    LabelledData,
+    Split,
+    split_by_patient,
+    split_counts,
+)
 from fetalplanes.data.loading import PathDataset
 from fetalplanes.data.preprocess import Preprocess
 
@@ -29,6 +35,11 @@ class CheckReport:
             self.unreadable or self.duplicate_files or d.missing or d.unknown or d.duplicate_rows
         )
 
+    @property
+    def groups(self) -> dict[str, dict[str, int]]:
+        """Images per site, machine and operator, for the label files that record them."""
+        return group_counts(self.data)
+
     def to_dict(self) -> dict[str, Any]:
         d = self.data
         return {
@@ -41,6 +52,7 @@ class CheckReport:
             "n_patients": len(d.patients),
             "patients_per_split": {k: len(self.split.of(k)) for k in ("train", "val", "test")},
             "images_per_class_and_split": self.counts,
+            "images_per_group": self.groups,
             "dropped": d.dropped,
             "unknown": d.unknown,
             "missing": d.missing,
@@ -48,6 +60,16 @@ class CheckReport:
             "unreadable": self.unreadable,
             "duplicate_files": self.duplicate_files,
         }
+
+
+def group_counts(data: LabelledData) -> dict[str, dict[str, int]]:
+    """{"site": {"DZA": 90, ...}, ...} for each metadata key any sample carries."""
+    out: dict[str, dict[str, int]] = {}
+    for key in META_KEYS:
+        counts = Counter(s.meta[key] for s in data.samples if key in s.meta)
+        if counts:
+            out[key] = dict(sorted(counts.items()))
+    return out
 
 
 def check_dataset(

@@ -1,4 +1,4 @@
-"""Labelled data sets: reading the three layouts, label presets, patient ids and splits.
+"""Labelled data sets: reading the layouts, label presets, patient ids, sites and splits.
 
 Every command goes through `load_dataset`, so a data set is interpreted the same
 way everywhere, and `split_by_patient` guarantees that no patient's images end up
@@ -7,8 +7,11 @@ on both sides of a split (the origin notebook's leakage bug).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fetalplanes.console import warn
 from fetalplanes.data.images import IMAGE_EXTENSIONS, is_image_path
 from fetalplanes.errors import LabelFileError
 
@@ -32,7 +36,17 @@ BRAIN_PLANES: tuple[str, ...] = ("Trans-thalamic", "Trans-cerebellum", "Trans-ve
 BRAIN_PLANE_VALUES: tuple[str, ...] = (*BRAIN_PLANES, "Other", "Not A Brain")
 FPDB_CSV = "FETAL_PLANES_DB_data.csv"
 SEED_CSV = "image_label.csv"
+#: The African fetal planes data set (Sendra-Balcells et al. 2023, Zenodo 7540448).
+AFRICAN_CSV = "African_planes_database.csv"
+#: Its file names end `plane0`..`plane3`, in this order.
+AFRICAN_PLANES: tuple[str, ...] = PLANES[:4]
 PATIENT_RE = re.compile(r"^(Patient\d+)_", re.IGNORECASE)
+_PLANE_CODE = re.compile(r"(?:plane)?\s*([0-9])", re.IGNORECASE)
+_PLANE_SUFFIX = re.compile(r"plane([0-9])$", re.IGNORECASE)
+_AFRICAN_NAME = re.compile(r"^patient0*([0-9]+)_([A-Za-z]+)_", re.IGNORECASE)
+#: Label-file columns kept per image (site, machine, operator) for per-group results.
+META_COLUMNS: dict[str, str] = {"Center": "site", "US_Machine": "machine", "Operator": "operator"}
+META_KEYS: tuple[str, ...] = ("site", "machine", "operator")
 
 # Folder names and spellings users commonly have, mapped to canonical plane names.
 _ALIASES: dict[str, str] = {
@@ -83,12 +97,14 @@ def get_preset(name: str) -> Preset:
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image."""
+    """One labelled image. `meta` holds what the label file says about where it was taken
+    (`site`, `machine`, `operator`), so results can be broken down by site."""
 
     path: Path
     label: str
     patient: str
     subset: str | None = None  # "train"/"test" from FETAL_PLANES_DB's Train column
+    meta: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -162,44 +178,103 @@ def detect_layout(root: Path, labels: Path | None = None) -> tuple[str, Path | N
     if labels is not None:
         if not labels.is_file():
             raise LabelFileError(f"{labels}: label file not found")
-        return ("fpdb" if _sniff_delimiter(labels) == ";" else "csv"), labels
-    if (root / FPDB_CSV).is_file():
-        return "fpdb", root / FPDB_CSV
-    if (root / SEED_CSV).is_file():
-        return "csv", root / SEED_CSV
+        return _layout_of(labels), labels
+    for name, layout in ((FPDB_CSV, "fpdb"), (AFRICAN_CSV, "african"), (SEED_CSV, "csv")):
+        if (root / name).is_file():
+            return layout, root / name
     csvs = sorted(root.glob("*.csv"))
     if len(csvs) == 1:
-        return ("fpdb" if _sniff_delimiter(csvs[0]) == ";" else "csv"), csvs[0]
+        return _layout_of(csvs[0]), csvs[0]
     if len(csvs) > 1:
         names = ", ".join(c.name for c in csvs)
         raise LabelFileError(f"{root}: several CSV files ({names}); pick one with --labels")
+    # An archive extracted by hand keeps its top folder: DATA/Zenodo_dataset/<known CSV>.
+    nested = sorted(p for n in (FPDB_CSV, AFRICAN_CSV) for p in root.glob(f"*/{n}"))
+    if len(nested) == 1:
+        return _layout_of(nested[0]), nested[0]
     if any(d.is_dir() and any(is_image_path(f) for f in d.iterdir()) for d in root.iterdir()):
         return "folders", None
     raise LabelFileError(
-        f"{root}: no label file ({SEED_CSV}, {FPDB_CSV} or --labels CSV) "
+        f"{root}: no label file ({SEED_CSV}, {FPDB_CSV}, {AFRICAN_CSV} or --labels CSV) "
         "and no class sub-folders with images"
     )
 
 
-def _sniff_delimiter(path: Path) -> str:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        head = f.readline()
+def read_label_text(path: Path, quiet: bool = False) -> str:
+    """A label file's text. Spreadsheets export UTF-8 (with or without BOM), UTF-16 or a
+    legacy 8-bit code page, so try them in that order; Latin-1 gets one warning (accented
+    names may be wrong) and a binary file is refused in one line naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LabelFileError(f"{path}: cannot read the label file ({exc.strerror})") from None
+    utf16 = _utf16_codec(raw)
+    if utf16 is not None:
+        try:
+            return raw.decode(utf16).removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            raise LabelFileError(f"{path}: not a text CSV file (broken UTF-16)") from None
+    if _looks_binary(raw):
+        raise LabelFileError(f"{path}: not a text CSV file (binary content)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    if not quiet:
+        warn(f"{path}: not UTF-8 or UTF-16; read as Latin-1 (check accented names)")
+    return raw.decode("latin-1")
+
+
+def _utf16_codec(raw: bytes) -> str | None:
+    """'utf-16' for a BOM, the byte order when every other byte is zero (ASCII text), else
+    None."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    head = raw[:4096]
+    half = len(head) // 2
+    if half < 2:
+        return None
+    if head[1::2].count(0) > 0.9 * half and head[0::2].count(0) < 0.1 * half:
+        return "utf-16-le"
+    if head[0::2].count(0) > 0.9 * half and head[1::2].count(0) < 0.1 * half:
+        return "utf-16-be"
+    return None
+
+
+def _looks_binary(raw: bytes) -> bool:
+    """NUL bytes or many control characters: an image, a zip or an .xlsx, not a CSV."""
+    head = raw[:4096]
+    controls = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13))
+    return b"\x00" in head or controls > 0.05 * max(len(head), 1)
+
+
+def _delimiter(text: str) -> str:
+    head = text.split("\n", 1)[0]
     return ";" if head.count(";") > head.count(",") else ","
 
 
+def _layout_of(path: Path) -> str:
+    """fpdb (semicolons), african (a `Filename` column) or csv, from the header line."""
+    text = read_label_text(path, quiet=True)
+    delim = _delimiter(text)
+    header = {h.strip() for h in text.split("\n", 1)[0].split(delim)}
+    if "Filename" in header and "Image_name" not in header:
+        return "african"
+    return "fpdb" if delim == ";" else "csv"
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    delim = _sniff_delimiter(path)
+    text = read_label_text(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delim)
-            header = [h.strip() for h in next(reader, [])]
-            rows = [
-                {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
-                for row in reader
-                if any(cell.strip() for cell in row)
-            ]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise LabelFileError(f"{path}: cannot parse as CSV ({exc})") from exc
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+        header = [h.strip() for h in next(reader, [])]
+        rows = [
+            {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
+            for row in reader
+            if any(cell.strip() for cell in row)
+        ]
+    except csv.Error as exc:
+        raise LabelFileError(f"{path}: cannot parse as CSV ({exc})") from None
     return header, rows
 
 
@@ -243,6 +318,27 @@ def _index_folder(folder: Path) -> dict[str, Path]:
     return index
 
 
+def _index_tree(*tops: Path) -> dict[str, Path]:
+    """Like `_index_folder`, over every sub-folder: for layouts whose image folders are not
+    known in advance (the African archive). The first file of a name in sorted order wins."""
+    index: dict[str, Path] = {}
+    seen: set[Path] = set()
+    for top in tops:
+        for folder, dirs, files in os.walk(top):
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if here.resolve() in seen:
+                dirs[:] = []
+                continue
+            seen.add(here.resolve())
+            for name in sorted(files):
+                f = here / name
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    index.setdefault(f.name, f)
+                    index.setdefault(f.stem, f)
+    return index
+
+
 def _required(header: list[str], needed: Sequence[str], path: Path) -> None:
     missing = [c for c in needed if c not in header]
     if missing:
@@ -262,28 +358,71 @@ def _label_of(row: dict[str, str], preset: Preset) -> tuple[str | None, str]:
     return canonical_plane(raw, preset.classes), raw
 
 
+def african_plane(value: str, name: str = "") -> str | None:
+    """The plane of an African-data row: its Plane value as a name ("Fetal brain",
+    "abdomen"), as `planeK`/`K`, or when empty the `planeK` suffix of the file name."""
+    value = value.strip()
+    if value:
+        named = canonical_plane(value, PLANES)
+        if named is not None:
+            return named
+        m = _PLANE_CODE.fullmatch(value)
+    else:
+        m = _PLANE_SUFFIX.search(Path(name.strip()).stem)
+    k = int(m.group(1)) if m else -1
+    return AFRICAN_PLANES[k] if 0 <= k < len(AFRICAN_PLANES) else None
+
+
+def _african_label(row: dict[str, str], name: str, preset: Preset) -> tuple[str | None, str]:
+    raw = row.get("Plane", "")
+    plane = african_plane(raw, name)
+    shown = raw or Path(name).stem.rsplit("_", 1)[-1]
+    return (plane if plane in preset.classes else None), (plane or shown)
+
+
 def _known_values(preset: Preset) -> tuple[str, ...]:
     return BRAIN_PLANE_VALUES if preset.column == "Brain_plane" else PLANES
 
 
+def _layout_classes(preset: Preset, layout: str) -> list[str]:
+    """The preset's classes this layout can hold: the African data has four planes, so
+    under fpdb6 it is a four-class data set (evaluate maps classes by name)."""
+    if layout == "african":
+        return [c for c in preset.classes if c in AFRICAN_PLANES]
+    return list(preset.classes)
+
+
+def _name_key(name: str) -> str:
+    """A listed name without its image extension: `a.png` and `a` are the same image."""
+    p = Path(name.strip())
+    return str(p.with_suffix("")) if p.suffix.lower() in IMAGE_EXTENSIONS else name.strip()
+
+
 def _read_csv_layout(root: Path, labels_file: Path, preset: Preset, layout: str) -> LabelledData:
     header, rows = _read_rows(labels_file)
-    needed = ["Image_name", "Plane"] + ([preset.column] if preset.column != "Plane" else [])
+    african = layout == "african"
+    name_col = "Filename" if african else "Image_name"
+    needed = [name_col, "Plane"] + ([preset.column] if preset.column != "Plane" else [])
     _required(header, needed, labels_file)
-    image_dir = _image_dir(root, labels_file, [r["Image_name"] for r in rows])
-    index = _index_folder(image_dir)
-    data = LabelledData(root, layout, labels_file, preset.name, list(preset.classes), [])
+    if african:
+        index = _index_tree(root, *([labels_file.parent] if not _within(labels_file, root)
+                                    else []))
+    else:
+        index = _index_folder(_image_dir(root, labels_file, [r[name_col] for r in rows]))
+    classes = _layout_classes(preset, layout)
+    data = LabelledData(root, layout, labels_file, preset.name, classes, [])
     seen: set[str] = set()
+    used: set[Path] = set()
     dropped: Counter[str] = Counter()
     unknown: Counter[str] = Counter()
     for row in rows:
-        name = row["Image_name"]
-        if name in seen:
+        name = row[name_col]
+        if _name_key(name) in seen:
             data.duplicate_rows.append(name)
             continue
-        seen.add(name)
-        label, raw = _label_of(row, preset)
-        if label is None:
+        seen.add(_name_key(name))
+        label, raw = _african_label(row, name, preset) if african else _label_of(row, preset)
+        if label is None or label not in classes:
             if canonical_plane(raw, _known_values(preset)) is not None or preset.only_plane:
                 dropped[raw] += 1
             else:
@@ -293,18 +432,46 @@ def _read_csv_layout(root: Path, labels_file: Path, preset: Preset, layout: str)
         if path is None:
             data.missing.append(name)
             continue
-        patient = _patient_of(row, name)
-        subset = _subset_of(row)
-        data.samples.append(Sample(path, label, patient, subset))
+        if path in used:  # the same file under another spelling (sub-folder, extension)
+            data.duplicate_rows.append(name)
+            continue
+        used.add(path)
+        patient = _african_patient(row, name) if african else _patient_of(row, name)
+        data.samples.append(Sample(path, label, patient, _subset_of(row), _meta_of(row)))
     data.dropped, data.unknown = dict(dropped), dict(unknown)
     return data
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def _patient_of(row: dict[str, str], name: str) -> str:
     num = row.get("Patient_num", "").strip()
     if num:
-        return f"Patient{int(num):05d}" if num.isdigit() else num
+        return f"Patient{int(num):05d}" if _ascii_digits(num) else num
     return patient_from_name(name) or Path(name).stem
+
+
+def _ascii_digits(value: str) -> bool:
+    """'0042' yes; '²' or '٣' no (str.isdigit says yes, int() then fails or surprises)."""
+    return value.isascii() and value.isdigit()
+
+
+def _african_patient(row: dict[str, str], name: str) -> str:
+    """`<Center>-<Patient_num>`: the African data numbers patients per centre, so the number
+    alone would merge different women of different centres into one patient."""
+    m = _AFRICAN_NAME.match(Path(name.strip()).name)
+    num = row.get("Patient_num", "").strip() or (m.group(1) if m else "")
+    center = row.get("Center", "").strip() or (m.group(2) if m else "")
+    if not num:
+        return f"{center}-{Path(name).stem}" if center else Path(name).stem
+    num = str(int(num)) if _ascii_digits(num) else num
+    return f"{center}-{num}" if center else f"Patient{num}"
+
+
+def _meta_of(row: dict[str, str]) -> dict[str, str]:
+    return {key: row[col] for col, key in META_COLUMNS.items() if row.get(col, "").strip()}
 
 
 def _subset_of(row: dict[str, str]) -> str | None:
@@ -338,6 +505,7 @@ def load_dataset(
 ) -> LabelledData:
     """Read a labelled data set in any supported layout under a label preset.
 
+    Layouts: seed CSV, FETAL_PLANES_DB, the African planes CSV, one folder per class.
     Rows of known planes outside the preset are counted in `dropped`; label values
     that are not planes at all are counted in `unknown` (callers report both).
     """

@@ -1,9 +1,14 @@
 """Parallel, streaming decode of image files into preprocessed uint8 batches.
 
-Decoding a PNG costs more than a small network's forward pass, so decoding runs
-in worker processes (torch DataLoader) overlapped with whatever consumes the
-batches. A bad file never stops a batch: it comes back as a failure with its
-one-line message.
+Decoding a PNG costs more than a small network's forward pass, so decoding runs in
+worker processes (a `multiprocessing` pool, no torch needed) overlapped with whatever
+consumes the batches; at most a few batches per worker are in flight, so memory stays
+flat however many files stream through. A bad file never stops a batch: it comes back
+as a failure with its one-line message.
+
+Items are files or frames of multi-frame DICOM files (`file.dcm#frame=N`,
+`expand_frames`); a DICOM's declared B-mode region replaces the guessed ultrasound crop
+and its pixel spacing travels with the item (`Batch.meta`).
 
 Workers never outlive the process that started them: each one asks Linux to SIGKILL it
 when its parent dies (`PR_SET_PDEATHSIG`) and exits at once if the parent is already
@@ -22,18 +27,21 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from functools import partial
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
-from fetalplanes.data.images import decode_image
+from fetalplanes.data.crop import to_gray
+from fetalplanes.data.dicom import frame_name, is_dicom, open_dicom, parse_frame_name
+from fetalplanes.data.images import decode_image, list_images
 from fetalplanes.data.preprocess import Preprocess
-from fetalplanes.errors import ImageError
+from fetalplanes.errors import FetalPlanesError, ImageError
 
 
 def content_hash(data: bytes) -> str:
@@ -47,10 +55,73 @@ class Item:
     array: np.ndarray | None
     error: str | None
     digest: str
+    meta: dict[str, Any] = field(default_factory=dict)  # frame, pixel_spacing_mm
 
 
-class PathDataset(Dataset[Item]):
-    """Reads, hashes and prepares one file per item; errors become data, not exceptions."""
+def read_dicom_item(source: bytes | str, name: str, frame: int | None) -> tuple[np.ndarray, dict]:
+    """A DICOM frame as gray uint8, cropped to its declared B-mode region, with metadata.
+
+    `meta["region_cropped"]` tells `Preprocess` not to guess the crop again.
+    """
+    dcm = open_dicom(source, name)
+    if frame is not None and not 0 <= frame < dcm.n_frames:
+        raise ImageError(f"{name}: frame {frame} out of range (the file has {dcm.n_frames})")
+    img = dcm.frame(frame or 0)
+    gray = to_gray(img) if img.ndim == 3 else img
+    meta: dict[str, Any] = {"frame": frame, "pixel_spacing_mm": dcm.spacing_mm()}
+    region = dcm.bmode_region()
+    if region is not None:
+        gray = gray[region.y0 : region.y1 + 1, region.x0 : region.x1 + 1]
+        meta["region_cropped"] = True
+    return np.ascontiguousarray(gray), meta
+
+
+def read_item(name: str) -> tuple[np.ndarray, dict[str, Any], str]:
+    """(gray image, metadata, content digest) of a file or a `file.dcm#frame=N` item."""
+    path, frame = parse_frame_name(str(name))
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    digest = content_hash(data) + ("" if frame is None else f"#{frame}")
+    if frame is not None or is_dicom(data[:132], path):
+        gray, meta = read_dicom_item(data, str(name), frame)
+        return gray, meta, digest
+    return decode_image(data, str(name)), {}, digest
+
+
+def expand_frames(paths: Sequence[str | Path]) -> list[str]:
+    """Files as items, each frame of a multi-frame DICOM as its own `file.dcm#frame=N` item.
+
+    Only the header is read here; a file that cannot be opened stays one item, so its
+    one-line error is reported where it is decoded.
+    """
+    items: list[str] = []
+    for p in paths:
+        name = str(p)
+        if Path(name).suffix.lower() not in (".dcm", ".dicom") or "#frame=" in name:
+            items.append(name)
+            continue
+        try:
+            n = open_dicom(Path(name), name).n_frames
+        except (FetalPlanesError, OSError):
+            n = 1
+        items.extend([name] if n <= 1 else [frame_name(name, i) for i in range(n)])
+    return items
+
+
+def list_items(inputs: Sequence[str | Path]) -> list[str]:
+    """Files and folders (recursively) -> items: image files, and every frame of a
+    multi-frame DICOM as its own item."""
+    return expand_frames(list_images([Path(p) for p in inputs]))
+
+
+class PathDataset:
+    """Reads, hashes and prepares one item per index; errors become data, not exceptions."""
 
     def __init__(self, paths: Sequence[Path], pp: Preprocess, indices: Sequence[int] | None = None):
         self.paths = list(paths)
@@ -62,18 +133,12 @@ class PathDataset(Dataset[Item]):
 
     def __getitem__(self, i: int) -> Item:
         idx = self.indices[i]
-        path = self.paths[idx]
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            msg = "file not found" if isinstance(exc, FileNotFoundError) else str(exc)
-            return Item(idx, None, f"{path}: {msg}", "")
-        digest = content_hash(data)
-        try:
-            arr = self.pp.prepare_array(decode_image(data, str(path)))
+            gray, meta, digest = read_item(str(self.paths[idx]))
+            pp = self.pp.with_(crop=False) if meta.pop("region_cropped", False) else self.pp
+            return Item(idx, pp.prepare_array(gray), None, digest, meta)
         except ImageError as exc:
-            return Item(idx, None, str(exc), digest)
-        return Item(idx, arr, None, digest)
+            return Item(idx, None, str(exc), "")
 
 
 @dataclass
@@ -85,6 +150,7 @@ class Batch:
     digests: list[str]
     failures: list[tuple[int, str]]
     outputs: Any = None  # the model's outputs for `arrays`, when the workers ran it
+    meta: list[dict[str, Any]] = field(default_factory=list)  # per index: frame, spacing
 
 
 class WorkerModel(Protocol):
@@ -120,6 +186,7 @@ def _collate(items: list[Item], model: WorkerModel | None = None) -> Batch:
         arrays,
         [it.digest for it in ok],
         [(it.index, it.error or "unknown error") for it in items if it.array is None],
+        meta=[it.meta for it in ok],
     )
     if model is not None and ok:
         batch.outputs = _worker_outputs(model, arrays)
@@ -203,8 +270,34 @@ def sigterm_interrupts() -> Iterator[None]:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+#: The worker's copy of what it reads: set once per worker by `_init_worker`.
+_WORK: dict[str, Any] = {}
+
+
+def _init_worker(ds: PathDataset, model: WorkerModel | None, parent_pid: int | None,
+                 by_main: bool) -> None:
+    _die_with_parent(parent_pid, by_main, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not ours
+    _WORK.update(ds=ds, model=model)
+
+
+def _load_chunk(ds: PathDataset, positions: range, model: WorkerModel | None) -> Batch:
+    return _collate([ds[i] for i in positions], model=model)
+
+
+def _work(positions: range) -> Batch:
+    return _load_chunk(_WORK["ds"], positions, _WORK["model"])
+
+
+def _pool_context() -> Any:
+    """fork where there is one: the dataset and model recipe are inherited, not pickled."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else methods[0])
+
+
 def iter_batches(
-    paths: Sequence[Path],
+    paths: Sequence[Path | str],
     pp: Preprocess,
     batch_size: int = 32,
     workers: int | None = None,
@@ -214,23 +307,53 @@ def iter_batches(
     """Yield prepared batches in input order, decoding in `workers` processes.
 
     With `model`, each worker also runs the model on its batches and fills
-    `Batch.outputs` (see `WorkerModel`).
+    `Batch.outputs` (see `WorkerModel`). At most `4 x workers` batches are in flight.
     """
     ds = PathDataset(paths, pp, indices)
     n_workers = default_workers(len(ds)) if workers is None else workers
-    # workers are forked here, on the first next(), by the thread that iterates
+    chunks = [range(i, min(i + batch_size, len(ds))) for i in range(0, len(ds), batch_size)]
+    if n_workers <= 0 or len(chunks) <= 1:
+        with sigterm_interrupts():
+            for c in chunks:
+                yield _load_chunk(ds, c, model)
+        return
     by_main = threading.current_thread() is threading.main_thread()
-    method = multiprocessing.get_start_method(allow_none=True)  # never fixes the default
-    forkserver = (method or multiprocessing.get_all_start_methods()[0]) == "forkserver"
-    loader = DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=partial(_collate, model=model),
-        prefetch_factor=4 if n_workers else None,
-        persistent_workers=False,
-        worker_init_fn=partial(_die_with_parent, None if forkserver else os.getpid(), by_main),
+    ctx = _pool_context()
+    parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
+    pool = ProcessPoolExecutor(
+        min(n_workers, len(chunks)), ctx, _init_worker, (ds, model, parent, by_main)
     )
-    with sigterm_interrupts():
-        yield from loader
+    try:
+        with sigterm_interrupts():
+            todo = iter(chunks)
+            pending = deque(pool.submit(_work, c) for c in _take(todo, 4 * n_workers))
+            while pending:
+                try:
+                    batch = pending.popleft().result()
+                except BrokenProcessPool:
+                    raise FetalPlanesError(
+                        "a decode worker process died (out of memory, or killed); "
+                        "run again with --workers 0 to decode in one process"
+                    ) from None
+                pending.extend(pool.submit(_work, c) for c in _take(todo, 1))
+                yield batch
+    finally:
+        _stop(pool)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now, even mid-batch (an interrupted or abandoned stream)."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        if proc.is_alive():
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take(it: Iterator[range], n: int) -> list[range]:
+    out = []
+    for _ in range(n):
+        c = next(it, None)
+        if c is None:
+            break
+        out.append(c)
+    return out

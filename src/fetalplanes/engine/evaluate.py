@@ -1,22 +1,38 @@
 """Evaluation on held-out patients: metrics.json, confusion matrix, reliability diagram, report.
 
 By default a run is evaluated on the test patients its sidecar recorded, read
-from the data folder it was trained on; another data folder is evaluated whole.
+from the data folder it was trained on; another data folder is evaluated whole
+(external validation): its classes are matched to the run's by name, and when its
+label file records sites, machines or operators the metrics are broken down by them.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import f1_score
 
 from fetalplanes.console import info, report_failures, warn
-from fetalplanes.data.datasets import LabelledData, Sample, Split, load_dataset
-from fetalplanes.engine.metrics import classification_metrics, reliability_bins
+from fetalplanes.data.datasets import (
+    META_KEYS,
+    LabelledData,
+    Sample,
+    Split,
+    canonical_plane,
+    load_dataset,
+)
+from fetalplanes.engine.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    nll,
+    reliability_bins,
+)
 from fetalplanes.engine.plots import confusion_matrix_plot, reliability_diagram, risk_coverage_plot
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.inference.calibration import calibrated_probs
@@ -47,10 +63,15 @@ class EvalResult:
 
 
 def select_samples(
-    predictor: Predictor, data_root: str | Path | None, split: str, labels: str | Path | None = None
+    predictor: Predictor,
+    data_root: str | Path | None,
+    split: str,
+    labels: str | Path | None = None,
+    preset: str | None = None,
 ) -> tuple[list[Sample], LabelledData, str, bool]:
     """The images to evaluate, their data set, where they came from, and whether that is
-    the run's own training data."""
+    the run's own training data. `preset` reads the data under another preset than the
+    run's."""
     card = predictor.card
     recorded = card.data.get("root")
     same = data_root is None or (
@@ -62,8 +83,7 @@ def select_samples(
     if not Path(root).exists():
         raise FetalPlanesError(f"{root}: data folder not found (recorded in the run); pass DATA")
     lab = labels if labels is not None else (card.data.get("labels_file") if same else None)
-    data = load_dataset(root, lab, card.preset or "seed4")
-    _check_classes(data, predictor)
+    data = load_dataset(root, lab, preset or card.preset or "seed4")
     if split == "all" or not same:
         if split not in ("all", "test") and not same:
             warn(f"--split {split} applies to the training data only; evaluating all of {root}")
@@ -80,11 +100,132 @@ def select_samples(
     return samples, data, f"{split} split: {len(patients)} held-out patients of {root}", True
 
 
-def _check_classes(data: LabelledData, predictor: Predictor) -> None:
-    if list(data.classes) != list(predictor.classes):
+@dataclass(frozen=True)
+class ClassMap:
+    """The classes evaluated (the data's) and the model output of each, matched by name.
+
+    The model may have more classes than the data (a 6-class fpdb6 run on the 4-class
+    African data); predicting one of those is an error, counted in `predicted_outside_data`.
+    """
+
+    data_classes: list[str]
+    run_classes: list[str]
+    run_index: dict[str, int]  # data class -> index of the model's output
+
+    @property
+    def identical(self) -> bool:
+        return self.data_classes == self.run_classes
+
+    @property
+    def outside(self) -> list[int]:
+        """Indices of the model's classes that the data lacks."""
+        inside = set(self.run_index.values())
+        return [i for i in range(len(self.run_classes)) if i not in inside]
+
+
+def map_classes(
+    data: LabelledData, run_classes: list[str], samples: list[Sample], same: bool
+) -> ClassMap:
+    """Match the data's classes to the model's by name (ignoring case and common aliases).
+
+    The run's own data is evaluated on all its classes; other data on the classes it
+    holds, so a class it has no image of does not dilute macro averages. A data class
+    the model cannot predict is an error naming it.
+    """
+    run_classes = list(run_classes)
+    present = {s.label for s in samples}
+    data_classes = [c for c in data.classes if same or c in present]
+    index: dict[str, int] = {}
+    lacking: list[str] = []
+    for c in data_classes:
+        match = canonical_plane(c, run_classes)
+        if match is None:
+            lacking.append(c)
+        else:
+            index[c] = run_classes.index(match)
+    if lacking:
         raise FetalPlanesError(
-            f"data classes {data.classes} differ from the model's {predictor.classes}"
+            f"{data.root}: data class(es) {', '.join(lacking)} are not among the model's "
+            f"classes ({', '.join(run_classes)}); read the data with --preset so that they match"
         )
+    return ClassMap(data_classes, run_classes, index)
+
+
+def evaluation_metrics(probs: np.ndarray, y: np.ndarray, cmap: ClassMap) -> dict[str, Any]:
+    """Headline metrics over the data's classes; `y` indexes the model's classes.
+
+    Loss, ECE, Brier and AUROC use the model's full probabilities. Accuracy counts a
+    prediction of a class the data lacks as wrong; per-class scores, balanced accuracy,
+    macro/weighted F1 and the confusion matrix cover the data's classes only.
+    """
+    if cmap.identical:
+        return classification_metrics(probs, y, cmap.run_classes)
+    with warnings.catch_warnings():  # balanced accuracy is recomputed below
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        m = classification_metrics(probs, y, cmap.run_classes)
+    idx = [cmap.run_index[c] for c in cmap.data_classes]
+    pred = probs.argmax(axis=1)
+    per_class = {c: m["per_class"][cmap.run_classes[i]] for c, i in zip(
+        cmap.data_classes, idx, strict=True)}
+    support = np.array([v["support"] for v in per_class.values()], dtype=float)
+    f1 = np.array([v["f1"] for v in per_class.values()])
+    recall = np.array([v["recall"] for v in per_class.values()])
+    cm = np.asarray(m["confusion_matrix"])
+    m |= {
+        "classes": list(cmap.data_classes),
+        "model_classes": list(cmap.run_classes),
+        "per_class": per_class,
+        "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "weighted_f1": float((f1 * support).sum() / support.sum()) if support.any() else 0.0,
+        "confusion_matrix": cm[np.ix_(idx, idx)].tolist(),
+        "predicted_outside_data": {
+            cmap.run_classes[j]: int((pred == j).sum()) for j in cmap.outside
+        },
+    }
+    return m
+
+
+#: Sample metadata key -> metrics.json key of its breakdown.
+GROUP_KEYS: dict[str, str] = {k: f"by_{k}" for k in META_KEYS}
+NOT_RECORDED = "(not recorded)"
+
+
+def group_metrics(
+    samples: list[Sample], pred: np.ndarray, y: np.ndarray
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per site/machine/operator: images, patients, accuracy, balanced accuracy, macro F1.
+
+    A group's balanced accuracy and macro F1 average over the classes it holds (a centre
+    without thorax images is not scored on thorax recall); predicting a class the group
+    lacks still counts as an error.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, name in GROUP_KEYS.items():
+        values = [s.meta.get(key, NOT_RECORDED) for s in samples]
+        if all(v == NOT_RECORDED for v in values):
+            continue
+        groups: dict[str, dict[str, Any]] = {}
+        for value in sorted(set(values)):
+            mask = np.array([v == value for v in values])
+            patients = {s.patient for s, keep in zip(samples, mask, strict=True) if keep}
+            groups[value] = _group_scores(y[mask], pred[mask]) | {"n_patients": len(patients)}
+        out[name] = groups
+    return out
+
+
+def _group_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    present = sorted(set(y.tolist()))
+    recalls = [float((pred[y == c] == c).mean()) for c in present]
+    return {
+        "n_images": len(y),
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
+        "macro_f1": float(
+            f1_score(y, pred, labels=present, average="macro", zero_division=0)
+        ) if present else 0.0,
+        "classes_present": len(present),
+    }
 
 
 @dataclass
@@ -160,14 +301,19 @@ def evaluate(
     progress: bool = True,
     predictor: Predictor | None = None,
     ood: str | Path | None = None,
+    preset: str | None = None,
 ) -> EvalResult:
     """Compute and write metrics for a run on held-out patients (or another data set).
 
+    Other data is evaluated on its own classes, matched to the model's by name (see
+    `map_classes`); `preset` reads it under another preset than the run's. Samples with
+    site/machine/operator metadata give metrics.json `by_site`/`by_machine`/`by_operator`.
     `ood`: a folder of out-of-distribution images; metrics.json gets `ood` with the AUROC
     and false-accept rate of the stored not-target rule against the evaluated images.
     """
     predictor = predictor or Predictor.from_run(run, backend=backend, tta=tta)
-    samples, data, where, same = select_samples(predictor, data_root, split, labels)
+    samples, data, where, same = select_samples(predictor, data_root, split, labels, preset)
+    cmap = map_classes(data, predictor.card.classes, samples, same)
     got = collect(predictor, samples, progress)
     failures = got.failures
     if failures:
@@ -175,20 +321,22 @@ def evaluate(
     if not got.ok:
         raise FetalPlanesError("no readable images to evaluate")
     ok = got.ok
-    y = np.array([data.classes.index(samples[i].label) for i in ok])
+    evaluated = [samples[i] for i in ok]
+    y = np.array([cmap.run_index[s.label] for s in evaluated], dtype=np.int64)
     card = predictor.card
     probs = calibrated_probs(got.outputs.logits, card.temperature)
     raw = calibrated_probs(got.outputs.logits, 1.0)
-    metrics = classification_metrics(probs, y, card.classes)
+    metrics = evaluation_metrics(probs, y, cmap)
     metrics["rejection"] = rejection_metrics(got.predictions, probs, y)
+    metrics |= group_metrics(evaluated, probs.argmax(axis=1), y)
     metrics |= {
         "evaluated_on": where,
         "split": split,
-        "n_patients": len({samples[i].patient for i in ok}),
+        "n_patients": len({s.patient for s in evaluated}),
         "unreadable": [m for _, m in failures],
         "temperature": card.temperature,
-        "ece_uncalibrated": classification_metrics(raw, y, card.classes)["ece"],
-        "loss_uncalibrated": classification_metrics(raw, y, card.classes)["loss"],
+        "ece_uncalibrated": expected_calibration_error(raw, y),
+        "loss_uncalibrated": nll(raw, y),
         "architecture": card.architecture,
         "tta": tta,
     }
@@ -197,8 +345,7 @@ def evaluate(
 
         metrics["ood"] = evaluate_ood(predictor, got.outputs, ood, progress)
     out_dir = Path(out) if out is not None else default_out(Path(run), split, data_root, same)
-    write_outputs(out_dir, metrics, probs, raw, y, [samples[i] for i in ok], got.predictions,
-                  card.classes)
+    write_outputs(out_dir, metrics, probs, raw, y, evaluated, got.predictions, card.classes)
     if same and split == "test" and out is None and (Path(run) / SIDECAR).is_file():
         record_test_metrics(Path(run), metrics)
     print_summary(metrics, out_dir)
@@ -228,20 +375,23 @@ def write_outputs(
     classes: list[str],
 ) -> None:
     """metrics.json, predictions.csv, confusion_matrix.png, reliability.png,
-    risk_coverage.png, report.md."""
+    risk_coverage.png, report.md. `classes` are the model's (the probability columns)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    meta = [k for k in META_KEYS if any(k in s.meta for s in samples)]
     with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["true_label", "patient", *columns(classes)])
+        w = csv.DictWriter(f, ["true_label", "patient", *meta, *columns(classes)])
         w.writeheader()
         for s, p in zip(samples, preds, strict=True):
-            w.writerow({"true_label": s.label, "patient": s.patient, **p.to_row(classes)})
+            lead = {"true_label": s.label, "patient": s.patient}
+            lead |= {k: s.meta.get(k, "") for k in meta}
+            w.writerow(lead | p.to_row(classes))
     rc = metrics["rejection"]["risk_coverage"]
     risk_coverage_plot(rc["coverage"], rc["risk"], metrics["rejection"]["coverage"],
                        out / "risk_coverage.png")
     confusion_matrix_plot(
         metrics["confusion_matrix"],
-        classes,
+        metrics["classes"],
         out / "confusion_matrix.png",
         title=f"confusion matrix ({metrics['evaluated_on']})"[:90],
     )
@@ -286,6 +436,11 @@ def markdown_report(m: dict[str, Any]) -> str:
         "",
         *rejection_lines(m["rejection"]),
     ]
+    if m.get("predicted_outside_data") is not None:
+        lines += outside_lines(m)
+    for key, name in GROUP_KEYS.items():
+        if m.get(name):
+            lines += group_table(key, m[name])
     if m.get("unreadable"):
         lines += [f"Unreadable files skipped: {len(m['unreadable'])}.", ""]
     if m.get("ood"):
@@ -293,6 +448,42 @@ def markdown_report(m: dict[str, Any]) -> str:
 
         lines += report_lines(m["ood"])
     return "\n".join(lines)
+
+
+def outside_lines(m: dict[str, Any]) -> list[str]:
+    """Markdown lines: the model's classes the data lacks, and how often they were predicted."""
+    counts = m["predicted_outside_data"]
+    total = sum(counts.values())
+    listed = ", ".join(f"{c} {n}" for c, n in counts.items())
+    return [
+        "## Classes the data lacks",
+        "",
+        f"The model has {len(m['model_classes'])} classes; the data {len(m['classes'])}. "
+        f"Predictions of the others count as errors: {total} of {m['n_images']} images "
+        f"({listed}).",
+        "",
+    ]
+
+
+def group_table(key: str, groups: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown table of one breakdown (by site, machine or operator)."""
+    lines = [
+        f"## By {key}",
+        "",
+        f"| {key} | images | patients | accuracy | balanced accuracy | macro F1 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for value, g in groups.items():
+        lines.append(
+            f"| {value} | {g['n_images']} | {g['n_patients']} | {g['accuracy']:.4f} | "
+            f"{g['balanced_accuracy']:.4f} | {g['macro_f1']:.4f} |"
+        )
+    lines += [
+        "",
+        "Balanced accuracy and macro F1 average over the classes each group holds.",
+        "",
+    ]
+    return lines
 
 
 def rejection_lines(r: dict[str, Any]) -> list[str]:
@@ -331,6 +522,19 @@ def print_summary(m: dict[str, Any], out: Path) -> None:
         f"rejected {r['n_rejected']} as not a target plane (coverage {r['coverage']:.4f}); "
         f"accuracy on accepted {acc}"
     )
+    outside = m.get("predicted_outside_data")
+    if outside is not None:
+        info(
+            f"predicted as classes the data lacks (errors): {sum(outside.values())} "
+            f"({', '.join(f'{c} {n}' for c, n in outside.items())})"
+        )
+    for key, name in GROUP_KEYS.items():
+        if m.get(name):
+            g = Table(key, "images", "accuracy", "balanced acc.", "macro F1")
+            for value, v in m[name].items():
+                g.add_row(value, str(v["n_images"]), f"{v['accuracy']:.3f}",
+                          f"{v['balanced_accuracy']:.3f}", f"{v['macro_f1']:.3f}")
+            err.print(g)
     if m.get("ood"):
         from fetalplanes.engine.ood import summary_line
 

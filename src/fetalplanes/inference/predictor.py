@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fetalplanes.data.images import decode_image, list_images
+from fetalplanes.data.dicom import parse_frame_name
+from fetalplanes.data.images import decode_image
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.calibration import calibrated_probs, is_not_target, ood_score
 from fetalplanes.inference.outputs import Backend, Outputs
@@ -282,7 +283,7 @@ class Predictor:
 
         from fetalplanes.data.loading import default_workers, iter_batches
 
-        paths = [Path(p) for p in paths]
+        paths = [str(p) for p in paths]
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.1)
         n_workers = default_workers(len(paths)) if workers is None else workers
         recipe = getattr(self.backend, "worker_model", None)
@@ -290,20 +291,26 @@ class Predictor:
         if model is not None:
             batch_size = min(batch_size, WORKER_BATCH)
         for batch in iter_batches(paths, self.pp, batch_size, n_workers, model=model):
-            ready: dict[int, Prediction] = {i: failed(str(paths[i]), m) for i, m in batch.failures}
+            ready = {i: failed(paths[i], m, parse_frame_name(paths[i])[1])
+                     for i, m in batch.failures}
             if batch.indices:
                 outs = batch.outputs if batch.outputs is not None else self.outputs(batch.arrays)
-                names = [str(paths[i]) for i in batch.indices]
-                ready.update(zip(batch.indices, self.results(names, outs, keep_outputs),
-                                 strict=True))
+                preds = self.results([paths[i] for i in batch.indices], outs, keep_outputs)
+                for pred, meta in zip(preds, batch.meta or [{}] * len(preds), strict=True):
+                    pred.frame = meta.get("frame")
+                    pred.pixel_spacing_mm = meta.get("pixel_spacing_mm")
+                ready.update(zip(batch.indices, preds, strict=True))
             for i in sorted(ready):
                 yield ready[i]
             bar.update(len(ready))
         bar.close()
 
     def predict(self, inputs: Sequence[str | Path], **kw: Any) -> list[Prediction]:
-        """Files and folders (recursively) -> predictions, list form."""
-        return list(self.predict_paths(list_images([Path(p) for p in inputs]), **kw))
+        """Files and folders (recursively; each frame of a cine loop is an item) ->
+        predictions, list form."""
+        from fetalplanes.data.loading import list_items
+
+        return list(self.predict_paths(list_items(inputs), **kw))
 
 
 def get_spec_safe(name: str, get_spec: Callable[[str], Any]) -> Any:

@@ -57,8 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from fetalplanes.console import info, report_failures, warn
-from fetalplanes.data.images import list_images
-from fetalplanes.data.loading import sigterm_interrupts
+from fetalplanes.data.dicom import open_dicom, parse_frame_name
+from fetalplanes.data.images import list_images, opencv
+from fetalplanes.data.loading import expand_frames, sigterm_interrupts
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import PROB_PREFIX, Prediction, columns, failed
@@ -236,6 +237,34 @@ def safe_copy(src: Path, folder: Path) -> Path:
         finally:
             _unlink_quietly(tmp)
     raise FetalPlanesError(f"{folder}: too many files named like {src.name}")
+
+
+#: Staging folder for frames of cine loops being written out as PNG (cleaned each run).
+FRAMES_STAGING = ".fetalplanes-frames"
+
+
+def copy_item(name: str, folder: Path, out: Path) -> Path:
+    """Copy a file, or write a frame of a multi-frame DICOM (`x.dcm#frame=N`) as the
+    lossless PNG `x_frameNNNN.png`, into folder with `safe_copy`'s guarantees."""
+    path, frame = parse_frame_name(name)
+    if frame is None:
+        return safe_copy(Path(path), folder)
+    staging = out / FRAMES_STAGING
+    _make_dir(staging)
+    png = staging / f"{Path(path).stem}_frame{frame:04d}.png"
+    img = open_dicom(Path(path), name).frame(frame)
+    ok, buf = opencv().imencode(".png", img if img.ndim == 2 else img[..., ::-1])
+    if not ok:
+        raise ImageError(f"{name}: could not encode the frame as PNG")
+    try:
+        png.write_bytes(buf.tobytes())
+    except OSError as exc:
+        _unlink_quietly(png)
+        raise _output_error(png, exc) from None
+    try:
+        return safe_copy(png, folder)
+    finally:
+        _unlink_quietly(png)
 
 
 # ------------------------------------------------------------------ the output folder
@@ -560,14 +589,18 @@ def sort_images(
     classes = predictor.output_classes
     out_res = out.resolve()
     # the input folder resolved: the same file has the same path (and error text) every run
-    files = [f for f in list_images([inp.resolve()]) if out_res not in f.resolve().parents]
+    files = expand_frames(
+        [f for f in list_images([inp.resolve()]) if out_res not in f.resolve().parents]
+    )
     summary = SortSummary(out, found=len(files))
     _make_dir(out)
     with sigterm_interrupts(), _OutputLock(out) as lock:
         _clean_partials(out, lock.held)
+        if lock.held:
+            shutil.rmtree(out / FRAMES_STAGING, ignore_errors=True)
         journal, done, errors = _open_journal(out / JOURNAL, classes)
         with journal:
-            todo = [f for f in files if str(f.resolve()) not in done]
+            todo = [f for f in files if str(Path(f).resolve()) not in done]
             summary.skipped_done = len(files) - len(todo)
             if summary.skipped_done:
                 info(f"{summary.skipped_done} images already sorted in {out} (skipped)")
@@ -597,7 +630,7 @@ def _journal_row(
     if p.ok:
         folder = p.destination
         try:
-            dest = safe_copy(src, out / folder)
+            dest = copy_item(p.path, out / folder, out)
         except ImageError as exc:  # the source went away after it was read
             p = failed(p.path, str(exc))
         else:
