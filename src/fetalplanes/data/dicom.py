@@ -22,7 +22,6 @@ Why it is careful:
 from __future__ import annotations
 
 import io
-import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from fetalplanes.data.items import frame_name, parse_frame_name
 from fetalplanes.errors import ImageError
 
 __all__ = [
@@ -79,7 +79,6 @@ _BOX_KEYWORDS = (
     "RegionLocationMaxY1",
 )
 Frames = Iterator[tuple[int, np.ndarray]]
-_FRAME_RE = re.compile(r"^(?P<path>.*)#frame=(?P<index>\d+)$")
 
 _PYLIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
 _OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
@@ -136,19 +135,6 @@ class UltrasoundRegion:
     def area(self) -> int:
         """Pixels inside the box (used to pick the main B-mode region)."""
         return (self.x1 - self.x0 + 1) * (self.y1 - self.y0 + 1)
-
-
-def frame_name(path: str, index: int) -> str:
-    """Name one frame of a multi-frame file the way fetalplanes names items."""
-    return f"{path}#frame={index}"
-
-
-def parse_frame_name(name: str) -> tuple[str, int | None]:
-    """Split ``file.dcm#frame=N`` into (path, N); a plain path gives (path, None)."""
-    match = _FRAME_RE.match(name)
-    if match is None:
-        return name, None
-    return match["path"], int(match["index"])
 
 
 def is_dicom(head: bytes, name: str | None = None) -> bool:

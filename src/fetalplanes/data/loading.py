@@ -38,8 +38,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from fetalplanes.data.crop import to_gray
-from fetalplanes.data.dicom import frame_name, is_dicom, open_dicom, parse_frame_name
 from fetalplanes.data.images import decode_image, list_images
+from fetalplanes.data.items import frame_name, parse_frame_name
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.errors import FetalPlanesError, ImageError
 
@@ -63,6 +63,8 @@ def read_dicom_item(source: bytes | str, name: str, frame: int | None) -> tuple[
 
     `meta["region_cropped"]` tells `Preprocess` not to guess the crop again.
     """
+    from fetalplanes.data.dicom import open_dicom  # pydicom only for DICOM files
+
     dcm = open_dicom(source, name)
     if frame is not None and not 0 <= frame < dcm.n_frames:
         raise ImageError(f"{name}: frame {frame} out of range (the file has {dcm.n_frames})")
@@ -88,10 +90,17 @@ def read_item(name: str) -> tuple[np.ndarray, dict[str, Any], str]:
     except OSError as exc:
         raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
     digest = content_hash(data) + ("" if frame is None else f"#{frame}")
-    if frame is not None or is_dicom(data[:132], path):
-        gray, meta = read_dicom_item(data, str(name), frame)
-        return gray, meta, digest
+    if frame is not None or _maybe_dicom(data, path):
+        from fetalplanes.data.dicom import is_dicom
+
+        if frame is not None or is_dicom(data[:132], path):
+            gray, meta = read_dicom_item(data, str(name), frame)
+            return gray, meta, digest
     return decode_image(data, str(name)), {}, digest
+
+
+def _maybe_dicom(data: bytes, path: str) -> bool:
+    return data[128:132] == b"DICM" or path.lower().endswith((".dcm", ".dicom"))
 
 
 def expand_frames(paths: Sequence[str | Path]) -> list[str]:
@@ -106,6 +115,8 @@ def expand_frames(paths: Sequence[str | Path]) -> list[str]:
         if Path(name).suffix.lower() not in (".dcm", ".dicom") or "#frame=" in name:
             items.append(name)
             continue
+        from fetalplanes.data.dicom import open_dicom
+
         try:
             n = open_dicom(Path(name), name).n_frames
         except (FetalPlanesError, OSError):

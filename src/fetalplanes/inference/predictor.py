@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fetalplanes.data.dicom import parse_frame_name
 from fetalplanes.data.images import decode_image
+from fetalplanes.data.items import parse_frame_name
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.calibration import calibrated_probs, is_not_target, ood_score
 from fetalplanes.inference.outputs import Backend, Outputs

@@ -57,8 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from fetalplanes.console import info, report_failures, warn
-from fetalplanes.data.dicom import open_dicom, parse_frame_name
 from fetalplanes.data.images import list_images, opencv
+from fetalplanes.data.items import parse_frame_name
 from fetalplanes.data.loading import expand_frames, sigterm_interrupts
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.predictor import Predictor
@@ -249,6 +249,8 @@ def copy_item(name: str, folder: Path, out: Path) -> Path:
     path, frame = parse_frame_name(name)
     if frame is None:
         return safe_copy(Path(path), folder)
+    from fetalplanes.data.dicom import open_dicom  # pydicom only for cine loops
+
     staging = out / FRAMES_STAGING
     _make_dir(staging)
     png = staging / f"{Path(path).stem}_frame{frame:04d}.png"
