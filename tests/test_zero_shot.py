@@ -107,3 +107,17 @@ def test_bundled_weights_need_no_weights_flag(sononet) -> None:
 def test_unknown_model_name_is_one_line(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["predict", "nonesuch", str(tmp_path)])
     assert r.exit_code == 2 and "not a run folder, an .onnx file or a pretrained" in r.output
+
+
+def test_not_target_for_the_bundled_model_is_background_or_other_planes() -> None:
+    """No fitted rule: temperature 1 and no threshold are stated in the card; blank and
+    noise frames fold to not_target through SonoNet's Background class."""
+    from fetalplanes.inference.predictor import Predictor
+
+    p = Predictor.load("sononet16")
+    assert p.card.temperature == 1.0 and not p.card.rejection
+    rng = np.random.default_rng(0)
+    images = [np.zeros((540, 800), np.uint8), np.full((540, 800), 128, np.uint8),
+              rng.integers(0, 256, (540, 800)).astype(np.uint8)]
+    for r in p.predict_arrays(images):
+        assert r.label == "not_target" and r.not_target and r.model_label == "Background"
