@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,23 +21,52 @@ class Fmt(str, Enum):
 
 
 
+def printable(text: str) -> str:
+    """`text` safe for any stream: undecodable bytes of a file name (kept by Python as
+    surrogates) become `\\xff` escapes instead of a UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def fail(msg: str, code: int = 2) -> None:
     """Print one red line on stderr and exit (2 = bad input, 1 = nothing succeeded)."""
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {printable(msg)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
+def os_error_message(exc: OSError) -> str:
+    """'OUT/x.png: no space left on device': the path and the reason, no Python reprs."""
+    from fetalplanes.data.images import os_error_text
+
+    if exc.errno is None and exc.filename is None:  # raised with a message of our own
+        return " ".join(str(exc).split()) or type(exc).__name__
+    where = "" if exc.filename is None else f"{os.fsdecode(exc.filename)}: "
+    also = "" if exc.filename2 is None else f" (with {os.fsdecode(exc.filename2)})"
+    return f"{where}{os_error_text(exc)}{also}"
+
+
+def fail_lines(msg: str, code: int = 2) -> None:
+    """Like `fail`, for messages listing several problems (one `error:` line each)."""
+    lines = [line for line in msg.splitlines() if line.strip()] or [msg]
+    for line in lines[:-1]:
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+    fail(lines[-1], code)
+
+
 def guard(fn: Any) -> Any:
-    """Turn our errors into one-line messages with exit code 2."""
+    """Turn errors into one-line messages: ours, and any OSError or MemoryError that
+    escapes a command (disk full, read-only folder, permission denied), exit code 2;
+    Ctrl-C is 'interrupted', 130. Never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FetalPlanesError as exc:
-            fail(str(exc))
-        except FileExistsError as exc:
-            fail(str(exc))
+            fail_lines(str(exc))
+        except OSError as exc:
+            fail(os_error_message(exc))
+        except MemoryError:
+            fail("out of memory (try fewer or smaller images at once)")
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -57,6 +87,7 @@ class Split_(str, Enum):
 
 
 class BackendOpt(str, Enum):
+    auto = "auto"
     torch = "torch"
     onnx = "onnx"
     onnx_int8 = "onnx-int8"
@@ -64,7 +95,10 @@ class BackendOpt(str, Enum):
 
 BackendArg = Annotated[
     BackendOpt,
-    typer.Option(help="torch, onnx or onnx-int8 (ONNX Runtime on the CPU; docs/benchmarks.md)."),
+    typer.Option(
+        help="auto (ONNX Runtime for a bundled model, torch for runs), torch, onnx or "
+        "onnx-int8 (ONNX Runtime on the CPU; docs/benchmarks.md)."
+    ),
 ]
 
 

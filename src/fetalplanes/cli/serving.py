@@ -57,6 +57,14 @@ def serve(
             "--access-log/--no-access-log", help="Log each request (client addresses)."
         ),
     ] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Also answer requests for this Host name (repeatable); loopback names "
+            "and the --host address are always allowed. Others get 400 (DNS rebinding).",
+        ),
+    ] = None,
 ) -> None:
     """Web page and HTTP API for classifying uploaded images (loopback by default)."""
     from fetalplanes.serving import ServeSettings, create_app, exposure_warning, run_server
@@ -71,6 +79,7 @@ def serve(
         max_concurrency=max_concurrency,
         max_batch=max_batch,
         access_log=access_log,
+        allowed_hosts=tuple(allow_host or ()),
     )
     try:
         predictor = build_predictor(

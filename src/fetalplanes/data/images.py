@@ -2,26 +2,53 @@
 
 One place decodes every image so that train, evaluate, predict, sort and serve
 see identical pixels and report bad files with the same one-line messages.
+
+Why it is careful: every format's dimensions are read from its header before any pixel is
+decoded (a few KB can declare gigapixels), and files are stat-ed before they are opened
+(a FIFO named `x.png` would block a reader forever, a device would never end).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
+import os
+import stat
 import warnings
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fetalplanes.errors import ImageError
+from fetalplanes.errors import FetalPlanesError, ImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".webp"}
 )
 #: Refuse images above this many pixels (decompression-bomb guard); 8k x 8k is plenty.
 MAX_PIXELS = 64_000_000
+#: Refuse files above this size before reading them into memory (a sparse or runaway file).
+MAX_FILE_BYTES = 2 * 1024**3
+
+_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+_ERRNO_WORDS = {
+    errno.ENOENT: "file not found",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ELOOP: "symlink loop",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOTDIR: "file not found (part of the path is a file, not a folder)",
+}
 
 
 def is_image_path(path: Path) -> bool:
@@ -29,32 +56,365 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _is_dicom(head: bytes) -> bool:
-    return len(head) >= 132 and head[128:132] == b"DICM"
+# ---------------------------------------------------------------- files
+
+
+def os_error_text(exc: OSError) -> str:
+    """A short lower-case reason for an OSError ('permission denied', 'symlink loop')."""
+    if exc.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[exc.errno]
+    if exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _missing_text(path: Path) -> str:
+    """'file not found', or why a symlink named like a file leads nowhere."""
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return f"dangling symlink (points to {os.readlink(path)}, which does not exist)"
+    except OSError:
+        pass
+    return "file not found"
+
+
+def _why_not_regular(mode: int) -> str | None:
+    """Why a file of this mode cannot be read as a file, or None for a regular file."""
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return f"not a regular file but {_KINDS.get(stat.S_IFMT(mode), 'a special file')}"
+    return None
+
+
+def read_file(
+    path: str | Path, max_bytes: int | None = None, error: type[FetalPlanesError] = ImageError
+) -> bytes:
+    """All bytes of a regular file, or `error` with one line naming it.
+
+    Stat first, then open without blocking and check again on the open file, so a FIFO,
+    socket or device (even one swapped in between) is refused instead of hanging the reader.
+    """
+    path = Path(path)
+    limit = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    try:
+        mode = os.stat(path).st_mode
+        why = _why_not_regular(mode)
+        if why:
+            raise error(f"{path}: {why}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            why = _why_not_regular(st.st_mode)
+            if why:
+                raise error(f"{path}: {why}")
+            data = f.read(limit + 1) if st.st_size <= limit else b""
+            if st.st_size > limit or len(data) > limit:
+                size = max(st.st_size, len(data))
+                raise error(f"{path}: file too large ({_size(size)}; limit {_size(limit)})")
+            return data
+    except FileNotFoundError:
+        raise error(f"{path}: {_missing_text(path)}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({os_error_text(exc)})") from None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file; ImageError (one line naming it) for anything unreadable.
+
+    What every reader of image files should call (the decode workers, the cache), so a
+    FIFO, a device, a folder, a symlink loop or a permission problem reads the same way.
+    """
+    return read_file(path)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as 2-D grayscale uint8; raises ImageError naming the file."""
+    return decode_image(read_image_bytes(path), str(path))
+
+
+# ---------------------------------------------------------------- listing
+
+
+def _report(problem: str, errors: list[str] | None) -> None:
+    """Hand a listing problem to the caller, or say it on stderr: never skip silently."""
+    if errors is not None:
+        errors.append(problem)
+        return
+    from rich.markup import escape
+
+    from fetalplanes.console import err
+
+    err.print(f"[yellow]skipped:[/yellow] {escape(problem)}")
+
+
+def _special_entry(path: Path) -> str | None:
+    """Why an image-named entry found in a folder cannot be read, or None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{path}: {_missing_text(path)}"
+    except OSError as exc:
+        return f"{path}: {os_error_text(exc)}"
+    if stat.S_ISDIR(mode):
+        return None  # a folder named x.png is walked like any folder
+    why = _why_not_regular(mode)
+    return f"{path}: {why}" if why else None
+
+
+def _walk(folder: Path, recursive: bool, errors: list[str] | None) -> list[Path]:
+    """Image files under `folder`; symlinked folders are not followed (no loops)."""
+    found: list[Path] = []
+
+    def unreadable(exc: OSError) -> None:
+        where = exc.filename if exc.filename is not None else folder
+        _report(f"{where}: folder not searched ({os_error_text(exc)})", errors)
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=False):
+        base = Path(root)
+        names = files + [d for d in dirs if os.path.islink(base / d)]
+        for name in names:
+            f = base / name
+            if not is_image_path(f):
+                continue
+            problem = _special_entry(f)
+            if problem:
+                _report(problem, errors)
+            elif f.is_file():
+                found.append(f)
+        if not recursive:
+            break
+    return sorted(found)
+
+
+def list_images(
+    paths: Iterable[str | Path], recursive: bool = True, errors: list[str] | None = None
+) -> list[Path]:
+    """Expand files and folders into a sorted list of image files (folders recursively).
+
+    Files given by name are returned as given (the reader reports a missing or unreadable
+    one per file), except special files (FIFO, socket, device) that a reader could block
+    on. Those, folders that cannot be searched and image-named entries that are not
+    readable files (dangling symlinks, symlink loops, pipes) are never skipped silently:
+    each becomes one line in `errors` when a list is given, else a line on stderr.
+    """
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        try:
+            mode: int | None = os.stat(p).st_mode
+        except OSError:
+            mode = None  # missing or unreadable: the reader says which, per file
+        if mode is not None and stat.S_ISDIR(mode):
+            found.extend(_walk(p, recursive, errors))
+        elif mode is not None and not stat.S_ISREG(mode):
+            _report(f"{p}: {_why_not_regular(mode)}", errors)
+        else:
+            found.append(p)
+    return found
+
+
+# ---------------------------------------------------------------- headers
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC), which carry the size.
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: JPEG markers without a length field (TEM, RST0-7).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) of a PNG, from its IHDR chunk."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return (
+        int.from_bytes(data[16:20], "big"),
+        int.from_bytes(data[20:24], "big"),
+        data[24],
+        data[25],
+    )
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, walking the marker segments."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:  # every step moves forward, so this ends
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF:
+            if length < 7 or i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(
+                data[i + 5 : i + 7], "big"
+            )
+        i += 2 + max(length, 2)
+    return None
+
+
+_MAGIC = (
+    (_PNG_SIGNATURE, "PNG"),
+    (b"\xff\xd8", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow could not open `data`: a broken file of a known format, or no image."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return f"corrupt or truncated {fmt} (header unreadable)"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "corrupt or truncated WebP (header unreadable)"
+    return "not an image (unrecognised format)"
+
+
+def _pillow_size(data: bytes, name: str) -> tuple[int, int]:
+    """Size from Pillow's lazy open (reads the header only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bombs are judged by size; no stray stderr lines
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: {_unidentified(data)}") from None
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"{name}: image too large (decompression-bomb guard; limit {MAX_PIXELS:,} pixels)"
+        ) from None
+    except Exception as exc:  # Pillow raises assorted errors on corrupt headers
+        why = _unidentified(data)
+        if why.startswith("not an image"):
+            why = f"unreadable image header ({_one_line(exc)})"
+        raise ImageError(f"{name}: {why}") from None
+
+
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) read from the header alone, without decoding any pixel.
+
+    PNG IHDR and JPEG SOF are parsed here, DICOM by `data.dicom` (first frame), anything
+    else by Pillow's lazy open. Raises ImageError for empty data and unrecognised formats.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    if _sniff_dicom(data, name):
+        dcm = _open_dicom(data, name)
+        return dcm.columns, dcm.rows
+    png = _png_header(data)
+    if png is not None:
+        return png[0], png[1]
+    return _jpeg_size(data) or _pillow_size(data, name)
+
+
+def decoded_pixels(data: bytes, name: str = "<bytes>") -> int:
+    """Pixels `decode_image` would decode for `data`, from the header alone: 0 when it would
+    refuse the data before decoding (not an image, no pixels, over MAX_PIXELS). Lets a
+    server budget decoding work per request before doing any."""
+    try:
+        width, height = image_size(data, name)
+    except ImageError:
+        return 0
+    pixels = max(width, 0) * max(height, 0)
+    return pixels if pixels <= MAX_PIXELS else 0
+
+
+def _check_size(width: int, height: int, name: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name}: image too large ({width}x{height} pixels, limit {MAX_PIXELS:,})"
+        )
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def _sniff_dicom(data: bytes, name: str) -> bool:
+    """DICOM by its 'DICM' marker, or a bare data set in a file named .dcm."""
+    if data[128:132] == b"DICM":
+        return True
+    if not name.lower().endswith(".dcm"):
+        return False
+    try:
+        from fetalplanes.data.dicom import is_dicom
+    except ImportError:  # pydicom is an extra; without it only marked files are DICOM
+        return False
+    return is_dicom(data[:4096], name)
+
+
+def _open_dicom(data: bytes, name: str) -> Any:
+    """`data.dicom.open_dicom`: header checks (bombs, syntax, pixels) before any decoding."""
+    try:
+        from fetalplanes.data.dicom import open_dicom
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ImageError(
+            f"{name}: DICOM file needs pydicom (pip install 'fetalplanes[dicom]')"
+        ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's notes on odd headers: not for stderr
+            return open_dicom(data, name)
+    except ImageError:
+        raise
+    except Exception as exc:  # a header pydicom cannot parse
+        raise ImageError(f"{name}: unreadable DICOM ({_one_line(exc)})") from None
 
 
 def _decode_dicom(data: bytes, name: str) -> np.ndarray:
+    """First frame of a DICOM file, as the same gray image a PNG of it would give."""
+    dcm = _open_dicom(data, name)
+    _check_size(dcm.columns, dcm.rows, name)
     try:
-        import pydicom
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImageError(f"{name}: DICOM file needs pydicom (pip install pydicom)") from exc
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        arr = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frame = dcm.frame(0)
+    except ImageError:
+        raise
     except Exception as exc:
-        raise ImageError(f"{name}: unreadable DICOM ({exc})") from exc
-    if arr.ndim == 4:  # multi-frame colour: first frame
-        arr = arr[0]
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):  # multi-frame gray: first frame
-        arr = arr[0]
-    return _to_uint8_gray(np.asarray(arr))
+        raise ImageError(f"{name}: cannot decode DICOM pixels ({_one_line(exc)})") from None
+    if frame.ndim == 3:
+        from fetalplanes.data.crop import to_gray
+
+        return to_gray(frame)
+    return np.ascontiguousarray(frame)
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _to_uint8_gray(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     if arr.dtype != np.uint8:
-        arr = arr.astype(np.float32)
+        arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         arr = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
@@ -71,7 +431,10 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
 
         rgb = img.convert("RGB")
         return to_gray(np.asarray(rgb, dtype=np.uint8))
-    return _to_uint8_gray(np.asarray(img))
+    arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape[-1] < 3:  # e.g. PA, La: the first channel is the gray
+        arr = arr[..., 0]
+    return _to_uint8_gray(arr)
 
 
 @functools.cache
@@ -89,19 +452,21 @@ def opencv() -> Any:
     return cv2
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """(width, height, bit depth, colour type) of a PNG, from its IHDR chunk."""
-    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return None
-    return (
-        int.from_bytes(data[16:20], "big"),
-        int.from_bytes(data[20:24], "big"),
-        data[24],
-        data[25],
-    )
+def _png_intact(data: bytes) -> bool:
+    """Every chunk complete with a right CRC, up to IEND: nothing libpng would complain
+    about on stderr (it prints such errors itself, past OpenCV's log switch)."""
+    view, i, n = memoryview(data), 8, len(data)
+    while i + 12 <= n:
+        length = int.from_bytes(view[i : i + 4], "big")
+        end = i + 12 + length
+        if end > n:
+            return False
+        if zlib.crc32(view[i + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            return False
+        if view[i + 4 : i + 8] == b"IEND":
+            return True
+        i = end
+    return False
 
 
 def _decode_png_fast(data: bytes) -> np.ndarray | None:
@@ -112,8 +477,8 @@ def _decode_png_fast(data: bytes) -> np.ndarray | None:
     refuses, goes through Pillow so errors keep one wording.
     """
     head = _png_header(data)
-    if head is None:
-        return None
+    if head is None or not _png_intact(data):
+        return None  # libpng would print its own line about it; Pillow explains it in ours
     width, height, depth, colour = head
     if depth != 8 or colour not in (0, 2) or width * height > MAX_PIXELS or not width * height:
         return None
@@ -130,64 +495,43 @@ def _decode_png_fast(data: bytes) -> np.ndarray | None:
     return None
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode image bytes (PNG, JPEG, BMP, TIFF, WebP or DICOM) to a 2-D uint8 array.
-
-    The content is sniffed, never the extension, so a mislabelled file is still read
-    and a non-image with an image extension is rejected with a clear message.
-    """
-    if not data:
-        raise ImageError(f"{name}: empty file")
-    if _is_dicom(data[:132]):
-        return _decode_dicom(data, name)
-    fast = _decode_png_fast(data)
-    if fast is not None:
-        return fast
+def _decode_pillow(data: bytes, name: str) -> np.ndarray:
+    fmt = ""  # "PNG " once Pillow has read the header, for the messages
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on odd files: not for stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(
-                        f"{name}: image too large ({img.width}x{img.height} pixels, "
-                        f"limit {MAX_PIXELS:,})"
-                    )
+                fmt = f"{img.format} " if img.format else ""
+                _check_size(img.width, img.height, name)
                 img.load()
                 return _pil_to_gray(img)
     except ImageError:
         raise
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not an image (unrecognised format)") from exc
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name}: image too large (decompression-bomb guard)") from exc
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: {_unidentified(data)}") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError(f"{name}: image too large (decompression-bomb guard)") from None
     except OSError as exc:
-        raise ImageError(f"{name}: unreadable or truncated image ({exc})") from exc
+        reason = " ".join(str(exc).split())[:200]
+        raise ImageError(f"{name}: truncated or corrupt {fmt}image ({reason})") from None
     except Exception as exc:  # Pillow raises assorted errors on corrupt data
-        raise ImageError(f"{name}: corrupt image ({type(exc).__name__}: {exc})") from exc
+        raise ImageError(f"{name}: corrupt {fmt}image ({_one_line(exc)})") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as 2-D grayscale uint8; raises ImageError naming the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ImageError(f"{path}: file not found") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(f"{path}: is a folder, not an image") from exc
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return decode_image(data, str(path))
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode image bytes (PNG, JPEG, BMP, TIFF, WebP, GIF or DICOM) to a 2-D uint8 array.
 
-
-def list_images(paths: list[Path] | tuple[Path, ...], recursive: bool = True) -> list[Path]:
-    """Expand files and folders into a sorted list of image files (folders recursively)."""
-    found: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found.extend(sorted(f for f in p.glob(pattern) if f.is_file() and is_image_path(f)))
-        else:
-            found.append(p)
-    return found
+    The content is sniffed, never the extension, so a mislabelled file is still read
+    and a non-image with an image extension is rejected with a clear message. The size
+    is checked from the header before any decoder runs; every failure is an ImageError.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    if _sniff_dicom(data, name):
+        return _decode_dicom(data, name)
+    _check_size(*image_size(data, name), name)
+    fast = _decode_png_fast(data)
+    if fast is not None:
+        return fast
+    return _decode_pillow(data, name)

@@ -15,6 +15,7 @@ graph, ensembles and the server all compute it the same way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fetalplanes.errors import CheckpointError
-from fetalplanes.models.card import BANK_FILE
+from fetalplanes.models.card import BANK_FILE, SIDECAR, bank_path_problem
+from fetalplanes.models.weights import check_readable
 
 DEFAULT_K = 1
 #: Training images kept as neighbours (a seeded random subset beyond this). Every image
@@ -160,9 +162,14 @@ def load_knn(run: str | Path, rejection: dict[str, Any]) -> KnnScore | None:
     """The run's kNN scorer when its rejection rule uses one, else None."""
     if rejection.get("method") != "knn":
         return None
-    path = Path(run) / rejection.get("bank", BANK_FILE)
-    if not path.is_file():
+    name = rejection.get("bank", BANK_FILE)
+    unsafe = bank_path_problem(name)
+    if unsafe:  # a sidecar must never make inference read files outside its run folder
+        raise CheckpointError(f"{Path(run) / SIDECAR}: {unsafe}")
+    path = Path(run) / name
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: feature bank missing (needed by the knn rejection rule)")
+    check_readable(path, "feature bank")
     try:
         bank = load_file(str(path))["bank"]
     except Exception as exc:

@@ -135,8 +135,9 @@ def sidecar_problems(d: dict[str, Any]) -> list[str]:
     name = arch.get("name") if isinstance(arch, dict) else None
     if not isinstance(name, str) or not name.strip():
         problems.append("missing architecture name ('architecture': {'name': ...})")
-    problems += _class_problems(d.get("classes"))
-    if isinstance(arch, dict) and isinstance(d.get("classes"), list):
+    class_problems = _class_problems(d.get("classes"))
+    problems += class_problems
+    if isinstance(arch, dict) and not class_problems:
         n = arch.get("num_classes", len(d["classes"]))
         if n != len(d["classes"]):
             problems.append(f"architecture num_classes {n} but {len(d['classes'])} class names")

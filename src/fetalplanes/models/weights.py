@@ -34,7 +34,7 @@ def check_readable(path: str | Path, what: str = "weight file") -> Path:
         if stat.S_ISDIR(mode):
             raise CheckpointError(f"{path}: is a folder, not a {what}")
         if not stat.S_ISREG(mode):
-            raise CheckpointError(f"{path}: not a regular file, not a {what}")
+            raise CheckpointError(f"{path}: not a regular file, so not a {what}")
         os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {what} not found") from None

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -21,10 +22,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fetalplanes._version import __version__
+from fetalplanes.data.images import decoded_pixels
 from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.results import Prediction, columns
+from fetalplanes.inference.results import Prediction, columns, failed
 from fetalplanes.serving.batching import MicroBatcher
 from fetalplanes.serving.explainer import Explainer, ModuleExplainer, one_line
+from fetalplanes.serving.scan import scan_router
 from fetalplanes.serving.schemas import (
     Calibration,
     ErrorResponse,
@@ -46,8 +49,9 @@ DESCRIPTION = """Classify 2D fetal ultrasound images into standard planes.
 
 Upload images as `multipart/form-data` in the field `files` (one or many). Every file
 gets its own result, or an `error` when it is not a readable image. Status codes:
-200 when at least one file was classified; 400 for a malformed request; 413 when a
-file, the request or the number of files is over the server's limits; 415 when the
+200 when at least one file was classified; 400 for a malformed request; 408 when the
+upload stalls or takes too long; 413 when a file, a form field, the request or the number
+of files is over the server's limits; 415 when the
 request is not multipart or none of its files is a readable image (per-file errors
 are in `results`). Uploads are processed in memory and never stored or logged.
 """
@@ -76,6 +80,7 @@ UPLOAD_BODY = {
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed multipart request or no files."},
+    408: {"model": ErrorResponse, "description": "The upload stalled or took too long."},
     413: {"model": ErrorResponse, "description": "A file or the request is over the limits."},
     415: {
         "model": ErrorResponse,
@@ -132,11 +137,28 @@ def file_result(pred: Prediction, filename: str) -> FileResult:
     return FileResult(filename=filename, **pred.to_dict())
 
 
+def over_pixel_budget(uploads: list[Upload], budget: int) -> dict[int, str]:
+    """Uploads past the request's pixel budget (counted in upload order, from the headers
+    alone) -> their one-line error; the others are decoded as usual."""
+    used, refused = 0, {}
+    for i, upload in enumerate(uploads):
+        pixels = decoded_pixels(upload.data, upload.filename)
+        if used + pixels > budget:
+            refused[i] = (
+                f"{upload.filename}: over this request's pixel budget ({budget / 1e6:g} "
+                "megapixels per request); send it in another request"
+            )
+        else:
+            used += pixels
+    return refused
+
+
 def error_json(status: int, detail: str, results: list[FileResult] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"detail": detail}
     if results is not None:
         body["results"] = [r.model_dump() for r in results]
-    headers = {"Connection": "close"} if status == 413 else None  # rest of the body is unread
+    # 408, 413: the rest of the body is unread, so the connection cannot carry another request
+    headers = {"Connection": "close"} if status in (408, 413) else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -176,6 +198,7 @@ class PredictService:
         self.predictor = predictor
         self.settings = settings
         self.explainer = explainer
+        self._heat_requests = 0  # requests computing heat maps now (one event loop: no lock)
         self.batcher: MicroBatcher[tuple[str, bytes], Prediction] = MicroBatcher(
             predictor.predict_bytes,
             slots=settings.max_concurrency,
@@ -193,18 +216,56 @@ class PredictService:
                 max_file_bytes=s.max_file_bytes,
                 max_request_bytes=s.max_request_bytes,
                 max_files=s.max_files,
+                max_field_bytes=s.max_field_bytes,
+                max_part_header_bytes=s.max_part_header_bytes,
+                body_timeout_s=s.body_timeout_s,
+                upload_timeout_s=s.upload_timeout_s,
             )
         except ClientDisconnect:
             raise UploadRejected(400, "client disconnected during upload") from None
 
     async def classify(self, uploads: list[Upload], explain: bool) -> list[FileResult]:
-        preds = await self.batcher.submit([(u.filename, u.data) for u in uploads])
+        budget = self.settings.max_request_pixels  # headers only, but off the event loop
+        refused = await anyio.to_thread.run_sync(over_pixel_budget, uploads, budget)
+        todo = [u for i, u in enumerate(uploads) if i not in refused]
+        done = iter(await self.batcher.submit([(u.filename, u.data) for u in todo]))
+        preds = [
+            failed(u.filename, refused[i]) if i in refused else next(done)
+            for i, u in enumerate(uploads)
+        ]
         results = [file_result(p, u.filename) for p, u in zip(preds, uploads, strict=True)]
         if explain:
-            for result, upload, pred in zip(results, uploads, preds, strict=True):
-                if pred.ok:
-                    await self._explain(result, upload, pred)
+            await self._explain_all(results, uploads, preds)
         return results
+
+    async def _explain_all(
+        self, results: list[FileResult], uploads: list[Upload], preds: list[Prediction]
+    ) -> None:
+        """Heat maps for the readable files, within the per-request and concurrent bounds:
+        each one runs alone on the network, so unbounded queues would hold every upload in
+        memory and delay every other request."""
+        s = self.settings
+        wanted = [(r, u, p) for r, u, p in zip(results, uploads, preds, strict=True) if p.ok]
+        if self._heat_requests >= s.max_heatmap_requests:
+            busy = (
+                f"server busy: {self._heat_requests} requests are computing heat maps "
+                f"(limit {s.max_heatmap_requests}); try again shortly"
+            )
+            for result, _, _ in wanted:
+                result.heatmap_error = busy
+            return
+        self._heat_requests += 1
+        try:
+            for n, (result, upload, pred) in enumerate(wanted):
+                if n >= s.max_heatmaps_per_request:
+                    result.heatmap_error = (
+                        f"heat maps are limited to {s.max_heatmaps_per_request} per request; "
+                        "ask for this one in another request"
+                    )
+                else:
+                    await self._explain(result, upload, pred)
+        finally:
+            self._heat_requests -= 1
 
     def _target(self, pred: Prediction) -> int | None:
         """Explain the top class of the network (None: let explain pick, for folded models)."""
@@ -324,6 +385,7 @@ def create_app(
     app.state.service = service
     add_error_handlers(app)
     app.include_router(api_router(service, info))
+    app.include_router(scan_router(service))
     add_page(app)
     app.add_middleware(SecurityHeaders)
     return app

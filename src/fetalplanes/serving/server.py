@@ -1,12 +1,21 @@
-"""Running the app with uvicorn, loopback by default."""
+"""Running the app with uvicorn, loopback by default, with limits on slow clients.
+
+Uvicorn's h11 protocol arms its keep-alive timer only after a response, and any byte
+received disarms it, so a client sending half a request head (slow loris) holds a
+connection forever. `head_timeout_protocol` closes a connection that has no request
+in progress and has not sent a complete request head within `header_timeout_s`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from typing import Any
 
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
+from fetalplanes.serving.hosts import HostGuard
 from fetalplanes.serving.settings import ServeSettings
 
 
@@ -24,24 +33,89 @@ def exposure_warning(host: str) -> str | None:
     """The warning to print when binding beyond this machine, else None."""
     if is_loopback(host):
         return None
+    names = (
+        " Requests must name this machine as given with --allow-host NAME (other Host "
+        "headers get 400)."
+        if host.strip("[]") in ("0.0.0.0", "::", "")
+        else ""
+    )
     return (
         f"warning: serving on {host} makes the app reachable from other machines; it has no "
         "authentication or TLS, and uploads may be patient images. Put it behind an "
-        "authenticating HTTPS proxy, or use the default --host 127.0.0.1."
+        "authenticating HTTPS proxy, or use the default --host 127.0.0.1." + names
     )
 
 
-def run_server(app: FastAPI, settings: ServeSettings) -> None:
-    """Serve until interrupted (Ctrl-C)."""
-    import uvicorn
+def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """Uvicorn's h11 protocol, closing connections whose request head does not arrive in
+    `header_timeout_s` (counted from the connection, or from the end of the last response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    # python-multipart logs a warning quoting bytes of a malformed body; the client gets a 400
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
-    uvicorn.run(
-        app,
+    class HeadTimeoutH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._busy():
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self._busy():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _busy(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expire(self) -> None:
+            self._head_timer = None
+            if not self._busy() and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadTimeoutH11
+
+
+def guarded(app: ASGIApp, settings: ServeSettings) -> ASGIApp:
+    """The app behind the Host allow-list, as `run_server` serves it."""
+    return HostGuard(app, settings.host_names())
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run`/`uvicorn.Config`: address, privacy, and the
+    timeouts and header limit that stop slow or oversized request heads."""
+    return dict(
         host=settings.host,
         port=settings.port,
         access_log=settings.access_log,
         log_level="info",
         server_header=False,
+        http=head_timeout_protocol(settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
+
+
+def run_server(app: ASGIApp, settings: ServeSettings) -> None:
+    """Serve until interrupted (Ctrl-C), answering only the allowed Host names."""
+    import uvicorn
+
+    # python-multipart logs a warning quoting bytes of a malformed body; the client gets a 400
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    uvicorn.run(guarded(app, settings), **uvicorn_options(settings))

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from fetalplanes.errors import FetalPlanesError
 
 MB = 1024 * 1024
-_AT_LEAST_ONE = ("max_file_bytes", "max_request_bytes", "max_files", "max_concurrency", "max_batch")
+KB = 1024
+_AT_LEAST_ONE = (
+    "max_file_bytes",
+    "max_request_bytes",
+    "max_files",
+    "max_concurrency",
+    "max_batch",
+    "max_field_bytes",
+    "max_part_header_bytes",
+    "max_header_bytes",
+    "max_request_pixels",
+    "max_heatmap_requests",
+    "max_heatmaps_per_request",
+)
+_POSITIVE_SECONDS = ("header_timeout_s", "keep_alive_s", "body_timeout_s", "upload_timeout_s")
+#: Names a browser on this machine uses for a loopback server (the Host header, port aside).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_HOST_NAME = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)$")
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
 
 
 @dataclass(frozen=True)
@@ -24,15 +44,46 @@ class ServeSettings:
     max_batch: int = 8  # images gathered into one model call (bigger: throughput, not latency)
     batch_window_ms: float = 5.0  # how long a batch waits for more requests
     access_log: bool = False  # uvicorn's per-request log (client addresses); off for privacy
+    # Host header names accepted besides the loopback ones (DNS-rebinding defence)
+    allowed_hosts: tuple[str, ...] = ()
+    max_field_bytes: int = 64 * KB  # a multipart part that is not a file (a text field)
+    max_part_header_bytes: int = 16 * KB  # the headers of one multipart part
+    max_header_bytes: int = 64 * KB  # HTTP request line and headers (h11's incomplete event)
+    max_request_pixels: int = 128_000_000  # pixels decoded for one request, all files
+    max_heatmap_requests: int = 4  # requests computing heat maps at once (running or queued)
+    max_heatmaps_per_request: int = 16  # heat maps made for one request
+    header_timeout_s: float = 10.0  # a connection must send a whole request head in this time
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    body_timeout_s: float = 30.0  # longest pause while an upload streams in
+    upload_timeout_s: float = 600.0  # longest time to receive one whole upload
 
     def __post_init__(self) -> None:
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise FetalPlanesError(f"serve setting {name} must be at least 1")
+        for name in _POSITIVE_SECONDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise FetalPlanesError(f"serve setting {name} must be a number of seconds > 0")
         if self.batch_window_ms < 0:
             raise FetalPlanesError("serve setting batch_window_ms must not be negative")
         if not 0 <= self.port <= 65535:
             raise FetalPlanesError(f"port {self.port} is outside 0-65535")
+        for name in self.allowed_hosts:
+            if not _HOST_NAME.match(name):
+                raise FetalPlanesError(
+                    f"--allow-host {name}: not a host name (give a name or address, no port, "
+                    "scheme or path; IPv6 in brackets)"
+                )
+
+    def host_names(self) -> frozenset[str]:
+        """Host header names (lower case, no port) this server answers to: the loopback
+        names, the address it binds (unless a wildcard) and `allowed_hosts`."""
+        names = {*LOOPBACK_HOSTS, *(h.lower() for h in self.allowed_hosts)}
+        bound = self.host.lower()
+        if bound not in _WILDCARDS:
+            names.add(f"[{bound.strip('[]')}]" if ":" in bound else bound)
+        return frozenset(names)
 
     @classmethod
     def from_mb(
