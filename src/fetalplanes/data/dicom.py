@@ -346,11 +346,17 @@ def open_dicom(source: bytes | str | Path, name: str | None = None) -> DicomFile
             header, _ = _read_header(f, label)
     except OSError as exc:
         raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom on a damaged header: NotImplementedError, struct...
+        raise ImageError(f"{label}: damaged DICOM header ({_first_line(exc)})") from None
     try:
         _validate(header, label)
         return DicomFile(source, label, header)
-    except (TypeError, ValueError) as exc:  # e.g. a text where a number belongs
-        raise ImageError(f"{label}: malformed image attributes ({_first_line(exc)})") from None
+    except ImageError:
+        raise
+    except Exception as exc:  # e.g. a text where a number belongs, an unknown VR
+        raise ImageError(f"{label}: malformed DICOM attributes ({_first_line(exc)})") from None
 
 
 def _validate(header: _Header, name: str) -> None:
@@ -536,9 +542,9 @@ class DicomFile:
         return self._decode(range(0, self.n_frames, every), as_uint8)
 
     def _decode(self, indices: list[int] | range, as_uint8: bool) -> Frames:
-        arrays = self._deflated(indices) if self._is_deflated else self._pydicom(indices)
         done = 0
         try:
+            arrays = self._deflated(indices) if self._is_deflated else self._pydicom(indices)
             for index, arr in zip(indices, arrays, strict=True):
                 yield index, self._finish(arr, as_uint8)
                 done += 1

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fetalplanes.data.crop import to_gray
-from fetalplanes.data.images import decode_image, list_images
+from fetalplanes.data.images import decode_image, list_images, read_image_bytes
 from fetalplanes.data.items import frame_name, parse_frame_name
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.errors import FetalPlanesError, ImageError
@@ -81,14 +81,7 @@ def read_dicom_item(source: bytes | str, name: str, frame: int | None) -> tuple[
 def read_item(name: str) -> tuple[np.ndarray, dict[str, Any], str]:
     """(gray image, metadata, content digest) of a file or a `file.dcm#frame=N` item."""
     path, frame = parse_frame_name(str(name))
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a folder, not an image") from None
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    data = read_image_bytes(path)  # refuses FIFOs, devices, folders: one line each
     digest = content_hash(data) + ("" if frame is None else f"#{frame}")
     if frame is not None or _maybe_dicom(data, path):
         from fetalplanes.data.dicom import is_dicom

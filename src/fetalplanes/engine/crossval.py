@@ -98,7 +98,7 @@ def cross_validate(
     splits = fold_splits(data.samples, folds, cfg.seed, cfg.val_fraction)
     runs, per_fold = [], []
     for k, split in enumerate(splits, start=1):
-        info(f"[bold]fold {k}/{folds}[/bold]: {len(split.test)} test patients")
+        info(f"fold {k}/{folds}: {len(split.test)} test patients")
         run = out_dir / f"fold-{k}"
         train(data=data, split=split, config=cfg, out=run, progress=progress)
         metrics = evaluate(run, split="test", progress=progress).metrics

@@ -102,7 +102,9 @@ class Predictor:
         `.onnx` file, or a registered pretrained name such as `sononet16`."""
         path = Path(model)
         if path.is_dir():
-            return cls.from_run(path, backend, device, tta, min_confidence)
+            return cls.from_run(
+                path, backend=backend, device=device, tta=tta, min_confidence=min_confidence
+            )
         if path.suffix == ".onnx":
             if not path.is_file():
                 raise FetalPlanesError(f"{path}: ONNX file not found")

@@ -26,7 +26,7 @@ from fetalplanes.data.images import decoded_pixels
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import Prediction, columns, failed
 from fetalplanes.serving.batching import MicroBatcher
-from fetalplanes.serving.explainer import Explainer, ModuleExplainer, one_line
+from fetalplanes.serving.explainer import Explainer, explainer_for, one_line
 from fetalplanes.serving.scan import scan_router
 from fetalplanes.serving.schemas import (
     Calibration,
@@ -367,7 +367,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app around a loaded predictor (`explainer` defaults to Grad-CAM)."""
     settings = settings or ServeSettings()
-    explainer = explainer if explainer is not None else ModuleExplainer()
+    explainer = explainer if explainer is not None else explainer_for(predictor)
     service = PredictService(predictor, settings, explainer)
     info = model_info(predictor, settings, explainer)
 

@@ -57,3 +57,27 @@ class ModuleExplainer:
         gray = decode_image(data, name)
         heat = self._heatmap(predictor, gray, target)
         return bytes(self._overlay(predictor.pp.prepare_array(gray), heat))
+
+
+class NoExplainer:
+    """Heat maps switched off, saying why (the web page shows the reason)."""
+
+    available = False
+
+    def __init__(self, reason: str):
+        self.reason: str | None = reason
+
+    def overlay(self, predictor: Any, data: bytes, name: str, target: int | None) -> bytes:
+        raise RuntimeError(self.reason)
+
+
+def explainer_for(predictor: Any) -> Any:
+    """Grad-CAM for torch models; for ONNX Runtime models no heat maps, and no torch import
+    (an ONNX-only install must serve without torch)."""
+    backend = predictor.backend
+    if getattr(backend, "net", None) is None and getattr(backend, "members", None) is None:
+        return NoExplainer(
+            "heat maps need gradients, which this model's ONNX Runtime backend has not; "
+            "serve a run folder with --backend torch for them"
+        )
+    return ModuleExplainer()
