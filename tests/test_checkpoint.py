@@ -66,11 +66,15 @@ def test_run_files_follow_the_umask(tmp_path: Path) -> None:
 
     from fetalplanes.data.preprocess import Preprocess
     from fetalplanes.models.card import ModelCard, save_card
+    from fetalplanes.models.checkpoint import save_checkpoint
 
     old = os.umask(0o022)
     try:
-        save_card(tmp_path, ModelCard("seed-cnn", ["a", "b"], Preprocess(size=(32, 32))))
+        card = ModelCard("seed-cnn", ["a", "b"], Preprocess(size=(32, 32)))
+        save_card(tmp_path, card)
+        save_checkpoint(tmp_path / "run", torch.nn.Linear(2, 2), card)
     finally:
         os.umask(old)
     assert (tmp_path / "model.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
     assert not list(tmp_path.glob(".*.tmp"))

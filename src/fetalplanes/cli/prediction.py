@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,59 @@ from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE as DEFAULT_MI
 from fetalplanes.inference.results import Prediction, columns
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOpt = Annotated[
+    Engine,
+    typer.Option(
+        "--engine",
+        help="local (this machine) or ray (a Ray cluster: decode tasks and model actors on "
+        "every node; pip install 'fetalplanes[ray]'; docs/scale.md).",
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster for --engine ray: auto (the cluster this machine joined) or "
+        "HOST:6379 (`ray start --head`); default a private local Ray instance.",
+    ),
+]
+
+
+def on_engine(
+    pred: Any,
+    engine: Engine,
+    address: str | None,
+    spec: str | Path | None,
+    weights: Path | None,
+    preset: str,
+    backend: str,
+    tta: bool,
+    ensemble: str | None,
+    ordered: bool,
+) -> Any:
+    """The predictor itself (local), or the same model spread over a Ray cluster."""
+    if engine is Engine.local:
+        if address:
+            fail("--address needs --engine ray")
+        return pred
+    from fetalplanes.inference.ray_engine import ModelRecipe, RayPredictor, ray_module
+
+    ray_module()  # not installed: one line now, before any output
+
+    def where(p: str | Path) -> str:  # actors on other nodes do not share our cwd
+        return str(Path(p).resolve()) if Path(p).exists() else str(p)
+
+    extra = tuple(where(p.strip()) for p in (ensemble or "").split(",") if p.strip())
+    recipe = ModelRecipe(where(str(spec)), where(weights) if weights else None, preset,
+                         backend, tta, extra)
+    return RayPredictor(pred, recipe, address=address, ordered=ordered)
+
+
 def predict(
     args: Annotated[
         list[str],
@@ -45,6 +99,8 @@ def predict(
     min_confidence: Annotated[
         float, typer.Option("--min-confidence", help="Flag predictions below this as uncertain.")
     ] = DEFAULT_MIN_CONF,
+    engine: EngineOpt = Engine.local,
+    address: AddressOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Plane and every class probability for each image (class names from the checkpoint)."""
@@ -60,6 +116,8 @@ def predict(
     files = list_items(inputs)
     if not files:
         fail(f"no image files found in {', '.join(map(str, inputs))}")
+    pred = on_engine(pred, engine, address, model or run, weights, preset, backend.value, tta,
+                     ensemble, ordered=True)
     stream = pred.predict_paths(files, progress=not quiet and len(files) > 1)
     results = emit(stream, fmt, pred.output_classes)
     bad = [r for r in results if not r.ok]
@@ -127,6 +185,8 @@ def sort_cmd(
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    engine: EngineOpt = Engine.local,
+    address: AddressOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Copy images into OUT_DIR/<predicted plane>/ (inputs never modified; resumable)."""
@@ -143,6 +203,8 @@ def sort_cmd(
     pred = build_predictor(
         run, model, weights, preset, backend.value, tta, min_confidence, ensemble
     )
+    pred = on_engine(pred, engine, address, model or run, weights, preset, backend.value, tta,
+                     ensemble, ordered=False)  # the journal needs no order
     s = sort_images(pred, inp, out, min_confidence, batch_size=batch_size, progress=not quiet)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(s.counts.items())) or "nothing new"
     typer.echo(

@@ -7,6 +7,7 @@ validation loss is what is kept.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -14,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from fetalplanes.data.datasets import (
 )
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.data.transforms import BatchAugment, get_augment, normalize
+from fetalplanes.engine import distributed
 from fetalplanes.engine.metrics import classification_metrics
 from fetalplanes.engine.plots import training_curves
-from fetalplanes.engine.tracking import numeric_metrics, open_tracker
+from fetalplanes.engine.tracking import Tracker, numeric_metrics, open_tracker
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.inference.calibration import (
     SCORES,
@@ -96,6 +98,7 @@ class TrainConfig:
     rejection_score: str = "knn"  # knn (feature space) | energy | msp | maxlogit
     knn_k: int | None = None  # neighbours for the knn score; None: features.auto_k
     log: str | None = None  # experiment tracking: tensorboard | mlflow (local stores in RUN)
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):  # 96 means 96 x 96, as on the command line
@@ -293,16 +296,21 @@ def make_loop(
     return model, Loop(fwd, pp, device, amp and device.type == "cuda", channels_last)
 
 
-def in_order(data: ArrayData, batch_size: int = 128) -> Iterator[Tensor]:
-    """The images of `data` in order, batch by batch (uint8, on the device)."""
-    for start in range(0, len(data), batch_size):
-        yield data.batch(torch.arange(start, min(start + batch_size, len(data))))[0]
+def in_order(
+    data: ArrayData, batch_size: int = 128, rows: range | None = None
+) -> Iterator[Tensor]:
+    """The images of `data` (or its `rows`) in order, batch by batch (uint8, on the device)."""
+    rows = range(len(data)) if rows is None else rows
+    for start in range(rows.start, rows.stop, batch_size):
+        yield data.batch(torch.arange(start, min(start + batch_size, rows.stop)))[0]
 
 
 @torch.no_grad()
-def predict_logits(loop: Loop, data: ArrayData, batch_size: int = 128) -> np.ndarray:
+def predict_logits(
+    loop: Loop, data: ArrayData, batch_size: int = 128, rows: range | None = None
+) -> np.ndarray:
     loop.model.eval()
-    outs = [loop.forward(x).float().cpu() for x in in_order(data, batch_size)]
+    outs = [loop.forward(x).float().cpu() for x in in_order(data, batch_size, rows)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -356,6 +364,7 @@ def _load_split_arrays(
     cfg: TrainConfig,
     progress: bool,
     name: str,
+    report: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     samples = data.subset(patients)
     cache_dir = (
@@ -369,7 +378,7 @@ def _load_split_arrays(
         progress,
         desc=f"preparing {name} images",
     )
-    if loaded.failures:
+    if loaded.failures and report:
         report_failures(loaded.failures)
     labels = np.array([data.classes.index(samples[i].label) for i in loaded.ok], dtype=np.int64)
     return loaded.arrays, labels, [m for _, m in loaded.failures]
@@ -394,6 +403,18 @@ def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
 RESUME_DIR = ".resume"  # per-epoch state of an unfinished run (removed when it finishes)
 
 
+def is_finished(run: str | Path) -> bool:
+    """True when RUN's `model.json` records final metrics: `finish()` writes that sidecar
+    after every other file of the run, so this is the commit mark. A folder of a run that
+    stopped (crash, Ctrl-C, a lost torchrun process) has a sidecar without metrics (or
+    none) and `.resume/` for `train --resume`: unfinished, never half-written."""
+    try:
+        side = json.loads((Path(run) / "model.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(side, dict) and bool(side.get("metrics"))
+
+
 class Trainer:
     """A training run as an object: `setup()`, then `epoch()` until `done`, then `finish()`.
 
@@ -401,6 +422,14 @@ class Trainer:
     to RUN/.resume/ as safetensors + JSON, so `Trainer.resume(RUN)` (`train --resume RUN`)
     continues from the last finished epoch; Ctrl-C keeps every finished epoch.
     The best epoch's weights are RUN/weights.safetensors, as in a finished run.
+
+    A run is finished when its `model.json` has `metrics`: `finish()` writes that sidecar
+    last, atomically, after every other file, so a crash never leaves a folder that looks
+    finished but is not (`is_finished`).
+
+    Under torchrun (WORLD_SIZE > 1) each process trains on its shard of every epoch
+    (`engine.distributed`); `--batch-size` stays the global batch. Rank 0 alone writes
+    the run folder, in the same format.
     """
 
     def __init__(
@@ -437,27 +466,55 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def setup(self, run: Path | None = None) -> Trainer:
-        """Read the images, build model and optimiser, create the run folder."""
-        cfg, data = self.cfg, self.data
-        self.run = run if run is not None else resolve_run_dir(self.out, cfg.model)
+        """Read the images, build model and optimiser, create the run folder (rank 0)."""
+        self.dist = distributed.init_from_env(self.cfg.device)
+        self.main = self.dist is None or self.dist.is_main
+        self.run = run  # type: ignore[assignment]  # chosen in _setup when None
+        with self._job():
+            self._setup(run)
+        return self
+
+    def _setup(self, run: Path | None) -> None:
+        cfg, data, dist = self.cfg, self.data, self.dist
+        if run is None and self.main:
+            run = resolve_run_dir(self.out, cfg.model)
+        if dist is not None:  # rank 0 chose the folder; the others only name it
+            run = Path(dist.broadcast_text(str(run) if self.main else ""))
+        assert run is not None
+        self.run = run
         self.gen = _seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
+        self.device = dist.device if dist is not None else pick_device(cfg.device)
         spec = get_spec(cfg.model)
         pp = resolve_preprocess(cfg)
-        warn_missing_classes(data, self.split)
-        _print_plan(data, self.split, cfg, self.device, self.run)
-        x_tr, y_tr, fail_tr = _load_split_arrays(data, self.split.train, pp, cfg, self.progress,
-                                                 "train")
-        x_va, y_va, fail_va = _load_split_arrays(data, self.split.val, pp, cfg, self.progress,
-                                                 "validation")
+        if self.main:
+            warn_missing_classes(data, self.split)
+            _print_plan(data, self.split, cfg, self.device, self.run)
+        shown = self.progress and self.main
+        x_tr, y_tr, fail_tr = _load_split_arrays(data, self.split.train, pp, cfg, shown,
+                                                 "train", report=self.main)
+        x_va, y_va, fail_va = _load_split_arrays(data, self.split.val, pp, cfg, shown,
+                                                 "validation", report=self.main)
         if len(y_tr) == 0:
             raise FetalPlanesError("no readable training images")
+        if dist is not None:  # same seed, same data: assert it rather than trust it
+            dist.check_same("patient split and images", distributed.digest(
+                self.split.to_dict(), data.fingerprint(), y_tr, y_va, x_tr[:, ::7, ::7]))
         self.y_tr, self.y_va = y_tr, y_va
         n_classes = len(data.classes)
         model = create_model(cfg.model, n_classes, cfg.pretrained, cfg.weights, input_size=pp.size)
+        if cfg.sync_bn:
+            model = distributed.convert_sync_batchnorm(model, dist)
         self.model, self.loop = make_loop(
-            model, pp, self.device, cfg.amp, cfg.channels_last, cfg.compile
+            model, pp, self.device, cfg.amp, cfg.channels_last, cfg.compile and dist is None
         )
+        self.train_loop = self.loop
+        self.batch = cfg.batch_size
+        n_local = len(y_tr)
+        if dist is not None:
+            self.batch = distributed.local_batch(cfg.batch_size, dist.world)
+            n_local = dist.shard_len(len(y_tr))
+            ddp = dist.wrap(self.model, find_unused=cfg.freeze_epochs > 0)
+            self.train_loop = replace(self.loop, model=torch.compile(ddp) if cfg.compile else ddp)
         self.train_data = ArrayData(x_tr, y_tr, self.device)
         self.val_data = ArrayData(x_va, y_va, self.device)
         self.lr = cfg.lr or DEFAULT_LR.get(spec.family, 1e-3)
@@ -466,9 +523,12 @@ class Trainer:
         )
         weight = class_weights(y_tr, n_classes).to(self.device) if cfg.balance == "loss" else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-        self.steps_per_epoch = math.ceil(len(y_tr) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(n_local / self.batch)
         aug_cfg = get_augment(cfg.augment, cfg.augment_strength)
         self.augment = BatchAugment(aug_cfg, self.gen) if aug_cfg is not None else None
+        training = cfg.to_dict() | {"lr": self.lr, "device": str(self.device)}
+        if dist is not None:
+            training |= {"processes": dist.world, "backend": dist.backend}
         self.card = ModelCard(
             architecture=cfg.model,
             classes=list(data.classes),
@@ -476,14 +536,38 @@ class Trainer:
             preset=data.preset,
             split=self.split.to_dict(),
             data=_data_record(data, fail_tr + fail_va),
-            training=cfg.to_dict() | {"lr": self.lr, "device": str(self.device)},
+            training=training,
         )
-        self.run.mkdir(parents=True, exist_ok=True)
-        config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-        atomic_write_text(self.run / "train_config.json", config_text)
-        self.tracker = open_tracker(cfg.log, self.run, self.run.name)
-        self.tracker.log_params(cfg.to_dict() | {"lr": self.lr, "device": str(self.device)})
-        return self
+        self.tracker = Tracker()
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+            atomic_write_text(self.run / "train_config.json", config_text)
+            self.tracker = open_tracker(cfg.log, self.run, self.run.name)
+            self.tracker.log_params(training)
+
+    @contextlib.contextmanager
+    def _job(self) -> Iterator[None]:
+        """In a distributed job, any end of this block becomes the job's one message."""
+        if self.dist is None:
+            yield
+            return
+        try:
+            yield
+        except BaseException as exc:
+            self.dist.fail(exc, self._resume_hint())
+
+    def _resume_hint(self) -> str:
+        """'; RUN keeps epoch K: ...' when RUN has a finished epoch to resume from."""
+        run = getattr(self, "run", None)
+        if run is None:
+            return ""
+        try:
+            state = json.loads((Path(run) / RESUME_DIR / "state.json").read_text())
+        except (OSError, ValueError):
+            return ""
+        return (f"; {run} keeps epoch {state.get('epoch')}: continue with the same launcher "
+                f"and `fetalplanes train --resume {run}`")
 
     def _sched(self) -> float:
         total = self.steps_per_epoch * self.cfg.epochs
@@ -505,10 +589,15 @@ class Trainer:
         t0 = time.perf_counter()
         set_backbone_trainable(self.model, epoch > cfg.freeze_epochs)
         order = epoch_order(self.y_tr, cfg.balance, self.gen)
+        n_images = len(order)
+        if self.dist is not None:  # every rank drew the same order: keep this rank's share
+            order = self.dist.shard(order)
         tr_loss, tr_acc = train_epoch(
-            self.loop, self.train_data, order, self.opt, self.criterion, self.augment,
-            self._sched, cfg.batch_size, f"epoch {epoch}/{cfg.epochs}", self.progress,
+            self.train_loop, self.train_data, order, self.opt, self.criterion, self.augment,
+            self._sched, self.batch, f"epoch {epoch}/{cfg.epochs}", self.progress and self.main,
         )
+        if self.dist is not None:
+            tr_loss, tr_acc = self.dist.mean(tr_loss, tr_acc)
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": round(tr_loss, 5),
@@ -516,7 +605,7 @@ class Trainer:
         }
         val_loss = tr_loss
         if len(self.val_data):
-            logits = predict_logits(self.loop, self.val_data)
+            logits = self._val_logits()
             y_va = self.y_va
             val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)))
             row |= {
@@ -527,28 +616,50 @@ class Trainer:
         row |= {
             "lr": f"{self.opt.param_groups[0]['lr']:.3g}",
             "seconds": round(elapsed, 2),
-            "images_per_s": round(len(order) / elapsed, 1),
+            "images_per_s": round(n_images / elapsed, 1),
         }
         self.seconds += elapsed
         self.history.append(row)
         improved = val_loss < self.best[0]
         if improved:
             self.best = (val_loss, epoch)
-            save_checkpoint(self.run, self.model, self.card)
-        _print_epoch(row, improved, self.progress)
-        _write_history(self.run, self.history)
+            if self.main:
+                save_checkpoint(self.run, self.model, self.card)
+        if self.main:
+            _print_epoch(row, improved, self.progress)
+            _write_history(self.run, self.history)
         if cfg.early_stopping and epoch - self.best[1] >= cfg.early_stopping:
-            info(f"early stopping: no validation improvement for {cfg.early_stopping} epochs")
-            self.stopped_early = True
-        save_resume_state(self)
+            if self.main:
+                info(f"early stopping: no validation improvement for {cfg.early_stopping} epochs")
+            self.stopped_early = True  # every rank saw the same validation: all stop
+        if self.main:
+            save_resume_state(self)
         self.tracker.log_epoch(epoch, numeric_metrics(row))
         if self.on_epoch is not None:
             self.on_epoch(epoch, row)
         return row
 
+    def _val_logits(self) -> np.ndarray:
+        """Logits of the whole validation set; in a distributed job each rank computes a
+        block and all of them receive all blocks (every rank takes the same decisions)."""
+        if self.dist is None:
+            return predict_logits(self.loop, self.val_data)
+        n = len(self.val_data)
+        self.dist.sync_buffers(self.model)
+        part = predict_logits(self.loop, self.val_data, rows=self.dist.block(n))
+        return self.dist.gather_rows(part, n, len(self.data.classes))
+
     # ------------------------------------------------------------ the end
     def finish(self) -> TrainResult:
-        """Reload the best epoch, calibrate, fit rejection, write the final run folder."""
+        """Reload the best epoch, calibrate, fit rejection, write the final run folder.
+
+        In a distributed job, rank 0 does this alone, on the whole validation set (every
+        rank holds it); the other ranks leave as soon as training ends.
+        """
+        if self.dist is not None:
+            self.dist.close()
+        if not self.main:
+            return TrainResult(self.run, self.card, self.history, self.best[1])
         result = _finish(
             self.run, self.model, self.loop, self.card, self.history, self.best[1],
             (self.train_data, self.val_data), self.y_va, self.cfg, self.seconds,
@@ -563,11 +674,13 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Every remaining epoch, then `finish()`; Ctrl-C keeps the finished epochs."""
         try:
-            while not self.done:
-                self.epoch()
+            with self._job():
+                while not self.done:
+                    self.epoch()
         except BaseException:
             self.tracker.close(failed=True)
-            if self.epoch_no >= 1 and (self.run / RESUME_DIR).is_dir():
+            distributed_job = self.dist is not None  # its message carries the resume hint
+            if self.epoch_no >= 1 and (self.run / RESUME_DIR).is_dir() and not distributed_job:
                 info(f"interrupted; finished epochs kept: fetalplanes train --resume {self.run}")
             raise
         return self.finish()
@@ -592,8 +705,14 @@ class Trainer:
         data = load_dataset(root, card.data.get("labels_file"), card.preset or "seed4")
         trainer = cls(config=cfg, data=data, split=Split.from_dict(card.split), progress=progress)
         trainer.setup(run)
-        load_resume_state(trainer, state)
-        info(f"resuming {run} after epoch {trainer.epoch_no} of {cfg.epochs}")
+        with trainer._job():
+            load_resume_state(trainer, state)
+            if trainer.dist is not None:  # every rank must continue from the same files
+                tensors = resume_tensors(run, state)
+                trainer.dist.check_same("resume state", distributed.digest(
+                    state_json.read_bytes(), tensors.stat().st_size))
+        if trainer.main:
+            info(f"resuming {run} after epoch {trainer.epoch_no} of {cfg.epochs}")
         return trainer
 
 
@@ -608,10 +727,14 @@ def save_resume_state(t: Trainer) -> None:
             tensors[f"opt.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.generator"] = t.gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    tmp = folder / ".state.safetensors.tmp"
+    # one tensor file per epoch, named in state.json: a kill between the two writes can
+    # never pair one epoch's tensors with another epoch's counters
+    name = f"state-epoch{t.epoch_no}.safetensors"
+    tmp = folder / f".{name}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in unshare(tensors).items()}, str(tmp))
-    os.replace(tmp, folder / "state.safetensors")
+    os.replace(tmp, folder / name)
     meta = {
+        "tensors": name,
         "epoch": t.epoch_no,
         "step": t.step,
         "best": [t.best[0] if math.isfinite(t.best[0]) else None, t.best[1]],
@@ -622,12 +745,20 @@ def save_resume_state(t: Trainer) -> None:
         "param_groups": opt["param_groups"],
     }
     atomic_write_text(folder / "state.json", json.dumps(meta, indent=2) + "\n")
+    for old in folder.glob("state-epoch*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def resume_tensors(run: Path, meta: dict[str, Any]) -> Path:
+    """The tensor file that belongs to state.json (0.2 runs: state.safetensors)."""
+    return Path(run) / RESUME_DIR / meta.get("tensors", "state.safetensors")
 
 
 def load_resume_state(t: Trainer, meta: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(t.run / RESUME_DIR / "state.safetensors"))
+    tensors = load_file(str(resume_tensors(t.run, meta)))
     t.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Tensor]] = {}
     for k, v in tensors.items():
@@ -714,9 +845,9 @@ def _finish(
             if k in val_metrics
         },
     }
-    save_checkpoint(run, model, card)
     atomic_write_text(run / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     training_curves(history, run / "curves.png")
+    save_checkpoint(run, model, card)  # last: a sidecar with metrics marks the run finished
     val_acc = val_metrics.get("accuracy")
     acc = f", validation accuracy {val_acc:.3f}" if val_acc is not None else ""
     info(f"best epoch {best_epoch}{acc}, temperature {card.temperature:.2f}; run saved to {run}")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fetalplanes.errors import CheckpointError
-from fetalplanes.models.card import BANK_FILE, SIDECAR, bank_path_problem
+from fetalplanes.models.card import BANK_FILE, SIDECAR, bank_path_problem, umask_mode
 from fetalplanes.models.weights import check_readable
 
 DEFAULT_K = 1
@@ -150,6 +150,7 @@ def save_bank(run: Path, bank: np.ndarray) -> None:
     """Store the bank as float16 (half the size; both backends read the same values)."""
     tmp = Path(run) / f".{BANK_FILE}.tmp"
     save_file({"bank": torch.from_numpy(bank).half().contiguous()}, str(tmp))
+    umask_mode(tmp)
     tmp.replace(Path(run) / BANK_FILE)
 
 

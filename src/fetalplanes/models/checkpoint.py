@@ -21,6 +21,7 @@ from fetalplanes.models.card import (  # noqa: F401 (the run-folder API in one p
     load_card,
     run_folder,
     save_card,
+    umask_mode,
 )
 from fetalplanes.models.registry import create_model
 from fetalplanes.models.weights import load_safetensors
@@ -34,6 +35,7 @@ def save_checkpoint(run: Path, model: nn.Module, card: ModelCard) -> None:
     state = unshare(state)
     tmp = run / f".{WEIGHTS}.tmp"
     save_file(state, str(tmp), metadata={"architecture": card.architecture})
+    umask_mode(tmp)  # readable by colleagues as the umask allows (safetensors writes 0600)
     os.replace(tmp, run / WEIGHTS)
     save_card(run, card)
 
