@@ -62,7 +62,9 @@ def test_unknown_and_weightless_models() -> None:
     with pytest.raises(CheckpointError, match="--weights PATH"):
         create_model("resnet18", 4, pretrained=True)
     with pytest.raises(CheckpointError, match="--weights PATH"):
-        create_model("sononet16", 4, pretrained=True)
+        create_model("sononet32", 4, pretrained=True)
+    tuned = create_model("sononet16", 4, pretrained=True)  # bundled weights, new 4-class layer
+    assert tuned(torch.zeros(1, 1, 224, 288)).shape == (1, 4)
     assert create_model("resnet18", 4, pretrained=False)(torch.zeros(1, 1, 64, 64)).shape == (1, 4)
 
 

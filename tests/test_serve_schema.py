@@ -67,6 +67,8 @@ CASES = [
     ("GET", "/api/v1/model", POSITIVE),
     ("POST", "/api/v1/predict", POSITIVE),
     ("POST", "/api/v1/predict", NEGATIVE),  # the GETs take no input to get wrong
+    ("POST", "/api/v1/scan", POSITIVE),
+    ("POST", "/api/v1/scan", NEGATIVE),
 ]
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from fetalplanes._version import __version__
-from fetalplanes.cli import data, evaluation, prediction, serving, tools, training
+from fetalplanes.cli import data, evaluation, prediction, scanning, serving, tools, training
 from fetalplanes.cli.common import guard
 
 # Spinning OpenMP threads make torch several times slower on a busy 2-core machine;
@@ -63,6 +63,8 @@ COMMANDS = {
     "cache": tools.cache_cmd,
     "download": tools.download,
     "demo": tools.demo,
+    "scan": scanning.scan,
+    "deid": scanning.deid,
 }
 
 for _name, _fn in COMMANDS.items():

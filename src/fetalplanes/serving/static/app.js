@@ -456,3 +456,117 @@ function wire() {
 
 wire();
 loadModel();
+
+// ------------------------------------------------------------------ sweep scan
+// One video or DICOM cine goes to /api/v1/scan; the answer is drawn as a strip (one stretch
+// per run of frames with the same smoothed plane) and the best frame of each plane found.
+const SCAN_REJECTED = "#cbd5e1";
+const SCAN_UNCERTAIN = "#facc15";
+
+function scanColor(s) {
+  if (s.not_target) return SCAN_REJECTED;
+  return s.uncertain ? SCAN_UNCERTAIN : colorOf(s.label);
+}
+
+function scanKey(s) {
+  if (s.not_target) return NOT_TARGET;
+  return s.uncertain ? "uncertain" : s.label;
+}
+
+function scanRuns(timeline) {
+  const runs = [];
+  for (const row of timeline) {
+    const key = scanKey(row.smoothed);
+    const last = runs[runs.length - 1];
+    if (last && last.key === key) {
+      last.n += 1;
+      last.end = row;
+    } else {
+      runs.push({ key, n: 1, start: row, end: row, color: scanColor(row.smoothed) });
+    }
+  }
+  return runs;
+}
+
+const seconds = (t) => `${t.toFixed(2)} s`;
+const scanLabel = (key) => (key === "uncertain" ? "Uncertain" : planeName(key));
+
+function renderScanStrip(body) {
+  const strip = $("scan-strip");
+  strip.replaceChildren(...scanRuns(body.timeline).map((run) => {
+    const span = el("span", {
+      title: `${scanLabel(run.key)}: frames ${run.start.frame}-${run.end.frame}, ` +
+        `${seconds(run.start.time_s)}-${seconds(run.end.time_s)}`,
+    });
+    span.style.flexGrow = String(run.n);
+    span.style.background = run.color;
+    return span;
+  }));
+  $("scan-t1").textContent = seconds(body.duration_s);
+  const keys = [...body.classes.filter((c) => c !== NOT_TARGET), NOT_TARGET, "uncertain"];
+  $("scan-legend").replaceChildren(...keys.map((key) => {
+    const dot = el("span", { class: "dot", "aria-hidden": "true" });
+    dot.style.background = key === NOT_TARGET ? SCAN_REJECTED
+      : key === "uncertain" ? SCAN_UNCERTAIN : colorOf(key);
+    return el("li", {}, dot, scanLabel(key));
+  }));
+}
+
+function renderScanBest(body) {
+  $("scan-best").replaceChildren(...body.best.map((best) => {
+    const figure = el("figure", {},
+      el("img", { src: `data:image/png;base64,${best.png}`,
+        alt: `Best frame of ${best.plane}: frame ${best.frame}` }),
+      el("figcaption", {}, el("strong", { text: best.plane }),
+        `frame ${best.frame} · ${seconds(best.time_s)} · ${pct(best.confidence)}`));
+    figure.style.setProperty("--accent", colorOf(best.plane));
+    return el("li", {}, figure);
+  }));
+}
+
+function renderScan(body) {
+  const found = body.found.length;
+  $("scan-status").textContent =
+    `${body.name}: ${body.frames_scanned} frames scanned, ${found} plane${found === 1 ? "" : "s"} found.`;
+  $("scan-summary").textContent = body.segments.map((s) =>
+    `${s.plane} ${seconds(s.start_s)}-${seconds(s.end_s)}`).join(" · ") || "No plane held steady.";
+  $("scan-missing").textContent = body.missing.length ? `Missing: ${body.missing.join(", ")}` : "";
+  renderScanStrip(body);
+  renderScanBest(body);
+  $("scan-result").hidden = false;
+}
+
+async function scanSweep(file) {
+  const status = $("scan-status");
+  if (file.size > state.limits.max_file_bytes) {
+    status.textContent = `${file.name}: file too large (${mb(file.size)}; limit ${mb(state.limits.max_file_bytes)})`;
+    return;
+  }
+  const every = Math.max(1, Math.min(1000, parseInt($("scan-every").value, 10) || 1));
+  const form = new FormData();
+  form.append("files", file, file.name);
+  $("scan-pick").disabled = true;
+  $("scan-result").hidden = true;
+  status.textContent = `Scanning ${file.name}…`;
+  try {
+    const res = await fetch(`${API}/scan?every=${every}`, { method: "POST", body: form });
+    const body = await res.json().catch(() => ({ detail: `HTTP ${res.status}` }));
+    if (!res.ok) throw new Error(body.detail || `HTTP ${res.status}`);
+    renderScan(body);
+  } catch (err) {
+    status.textContent = `Could not scan ${file.name}: ${err.message}`;
+  } finally {
+    $("scan-pick").disabled = false;
+  }
+}
+
+function wireScan() {
+  const input = $("scan-input");
+  $("scan-pick").addEventListener("click", () => input.click());
+  input.addEventListener("change", () => {
+    if (input.files.length) scanSweep(input.files[0]);
+    input.value = "";
+  });
+}
+
+wireScan();
