@@ -65,7 +65,7 @@ def test_commands_registered_on_the_main_cli() -> None:
 def test_bench_quick_writes_json(app: typer.Typer, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--quick", "--img-size", "64", "--json", str(out), "--quiet"]
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "240"})  # no wrapped row labels
     assert res.exit_code == 0, res.output
     assert "load average" in res.output and "ultrasound crop" in res.output
     d = json.loads(out.read_text())
@@ -135,3 +135,18 @@ def test_memory_sampler_sees_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_zero_shot_rows_measure_the_bundled_model_against_a_plain_loop() -> None:
+    """`bench --only zero-shot`: end to end per backend, one image, memory, scan, baseline."""
+    from fetalplanes.tools.bench import BenchOptions
+    from fetalplanes.tools.zero_shot_bench import run_zero_shot
+
+    report = run_zero_shot(BenchOptions(quick=True, images=6), progress=False)
+    res = report.results
+    for key in ("zero_shot_onnx_img_s", "zero_shot_torch_img_s", "zero_shot_onnx_peak_mb",
+                "zero_shot_onnx_one_image_s", "zero_shot_plain_loop_img_s", "zero_shot_speedup",
+                "scan_fps", "scan_steady_fps"):
+        assert res[key] > 0, key
+    assert {t["key"] for t in report.targets()} >= {"zero_shot_onnx_img_s", "scan_fps"}

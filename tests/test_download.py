@@ -445,3 +445,27 @@ def test_internal_symlink_is_allowed(tmp_path: Path) -> None:
     archive.write_bytes(_tar_xz([_file("d/a.txt", b"ok"), _link("d/b.txt", "a.txt")]))
     out = dl.safe_extract(archive, tmp_path / "out")
     assert (out / "b.txt").read_bytes() == b"ok"  # single top folder 'd' dropped
+
+
+def test_downloaded_african_set_reads_with_450_images_and_4_classes(
+    zenodo: FakeZenodo, tmp_path: Path
+) -> None:
+    """The whole path a user takes: download the (generated, full-size) African archive
+    from the loopback server, then `data check` reads 450 images of 4 planes."""
+    import json
+    import tarfile as tf
+
+    from test_african import noise, rows_450, write_african
+    from typer.testing import CliRunner
+
+    from fetalplanes.cli import app
+
+    source = write_african(tmp_path / "src" / "Zenodo_dataset", rows_450(), noise)
+    buf = io.BytesIO()
+    with tf.open(fileobj=buf, mode="w:xz") as tar:
+        tar.add(source, arcname="Zenodo_dataset")
+    folder = _get_african(zenodo, tmp_path / "data", buf.getvalue())
+    r = CliRunner().invoke(app, ["data", "check", str(folder), "--json"])
+    report = json.loads(r.stdout)
+    assert report["n_images"] == 450 and len(report["classes"]) == 4, r.output
+    assert dl.next_command(folder).startswith("fetalplanes data check ")

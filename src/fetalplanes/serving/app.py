@@ -40,7 +40,7 @@ from fetalplanes.serving.schemas import (
     PredictResponse,
 )
 from fetalplanes.serving.settings import ServeSettings
-from fetalplanes.serving.uploads import FIELD, Upload, UploadRejected, read_uploads
+from fetalplanes.serving.uploads import Upload, UploadRejected, read_uploads, upload_body
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("fetalplanes.serve")
@@ -56,27 +56,14 @@ request is not multipart or none of its files is a readable image (per-file erro
 are in `results`). Uploads are processed in memory and never stored or logged.
 """
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [FIELD],
-                    "properties": {
-                        FIELD: {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "Images (PNG, JPEG, BMP, TIFF, WebP or DICOM); "
-                            "the content is sniffed, not the file name.",
-                        }
-                    },
-                }
-            }
-        },
+UPLOAD_BODY = upload_body(
+    {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": "Images (PNG, JPEG, BMP, TIFF, WebP or DICOM); "
+        "the content is sniffed, not the file name.",
     }
-}
+)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed multipart request or no files."},

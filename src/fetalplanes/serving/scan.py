@@ -21,7 +21,7 @@ from fetalplanes.inference.timeline import DEFAULT_WINDOW, ScanLimitError, ScanR
 from fetalplanes.serving.batching import MicroBatcher
 from fetalplanes.serving.schemas import ErrorResponse
 from fetalplanes.serving.settings import ServeSettings
-from fetalplanes.serving.uploads import FIELD, Upload, UploadRejected
+from fetalplanes.serving.uploads import Upload, UploadRejected, upload_body
 
 SCAN = "/api/v1/scan"
 MAX_SCAN_FRAMES = 20_000
@@ -102,26 +102,13 @@ class ScanResponse(BaseModel):
     missing: list[str]
 
 
-SCAN_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [FIELD],
-                    "properties": {
-                        FIELD: {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "One video (MP4, AVI, MOV...) or DICOM cine.",
-                        }
-                    },
-                }
-            }
-        },
+SCAN_BODY = upload_body(
+    {
+        "type": "string",
+        "format": "binary",
+        "description": "One video (MP4, AVI, MOV...) or DICOM cine.",
     }
-}
+)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed request, or not exactly one file."},

@@ -253,3 +253,15 @@ async def read_uploads(
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def upload_body(field: dict[str, object]) -> dict[str, object]:
+    """OpenAPI `requestBody` of a multipart upload whose `files` field is `field` (FastAPI
+    cannot infer it: the body is streamed by `read_uploads`, not declared as a parameter)."""
+    schema = {"type": "object", "required": [FIELD], "properties": {FIELD: field}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": schema}},
+        }
+    }

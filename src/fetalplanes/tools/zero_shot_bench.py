@@ -86,6 +86,7 @@ def zero_shot_rows(tmp: Path, n_images: int, backends: tuple[str, ...] = ("torch
     plain = n_images / wall
     rows.append(Row("zero_shot_plain_loop_img_s", "plain batch-1 torch loop (baseline)",
                     "torch/cpu", 1, plain, "img/s", f"peak {peak:.0f} MB"))
+    rows += scan_rows(tmp, progress)
     best = max(speeds, key=speeds.get) if speeds else None
     if best is not None:
         rows.append(Row("zero_shot_speedup", f"best ({best}) / plain loop, same run",
@@ -106,3 +107,33 @@ def run_zero_shot(opts: BenchOptions, progress: bool = True) -> BenchReport:
     report.load_average = {"start": load_start, "end": _load()}
     report.seconds = time.perf_counter() - started
     return report
+
+
+#: Frames of the generated sweep (10 s at 25 frames/s), 800x540 phantoms of every plane.
+SCAN_FRAMES = 250
+
+
+def scan_rows(tmp: Path, progress: bool = True) -> list[Row]:
+    """`fetalplanes scan sononet16 CLIP` on a generated clip: frames/s in a new process
+    (start-up included) and the steady pipeline rate (after a warm-up batch)."""
+    import numpy as np
+
+    from fetalplanes.data.synth import SEED4, render_phantom
+    from fetalplanes.data.video import write_video
+    from fetalplanes.inference.predictor import Predictor
+    from fetalplanes.inference.timeline import measure_scan_fps
+
+    rng = np.random.default_rng(0)
+    per = SCAN_FRAMES // len(SEED4)
+    frames = [render_phantom(plane, rng, (540, 800)) for plane in SEED4 for _ in range(per)]
+    clip = write_video(tmp / "sweep.mp4", frames, 25)
+    n = len(frames)
+    wall, peak = _timed_process([sys.executable, "-m", "fetalplanes", "scan", "sononet16",
+                                 str(clip), "--out", str(tmp / "scan-out"), "--quiet"])
+    steady = measure_scan_fps(Predictor.load("sononet16"), clip)
+    return [
+        Row("scan_fps", "scan a clip with SonoNet-16, new process", "auto/cpu", "-", n / wall,
+            "frames/s", f"{n} frames 800x540, start-up included; peak {peak:.0f} MB"),
+        Row("scan_steady_fps", "scan pipeline after warm-up", "auto/cpu", "-", steady,
+            "frames/s", "decode, prepare, network, smoothing"),
+    ]
