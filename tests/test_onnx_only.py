@@ -71,3 +71,19 @@ def test_shipped_onnx_agrees_with_the_torch_model() -> None:
     assert worst < 1e-4
     pa = np.array([p.model_confidence for p in a])
     assert np.all(np.isfinite(pa))
+
+
+def test_shipped_int8_model_keeps_every_label() -> None:
+    """The int8 copy (calibrated on synthetic phantoms only) gives the fp32 labels on the
+    real frames; its probabilities move by at most ~0.1."""
+    from fetalplanes.data.images import list_images
+    from fetalplanes.inference.predictor import Predictor
+
+    files = list_images([need_shared(FRAMES), need_shared(HEADS)])
+    fp32 = list(Predictor.load("sononet16", backend="onnx").predict_paths(files, workers=0))
+    int8 = list(Predictor.load("sononet16", backend="onnx-int8").predict_paths(files, workers=0))
+    assert [p.label for p in int8] == [p.label for p in fp32]
+    assert [p.model_label for p in int8] == [p.model_label for p in fp32]
+    worst = max(abs(p.probs[c] - q.probs[c]) for p, q in zip(fp32, int8, strict=True)
+                for c in p.probs)
+    assert worst < 0.15

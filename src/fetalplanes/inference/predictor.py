@@ -113,8 +113,8 @@ class Predictor:
         from fetalplanes.models.registry import bundled_onnx, get_spec, pretrained_names
 
         name = str(model)
-        onnx = bundled_onnx(name) if weights is None else None
-        if onnx is not None and backend in ("auto", "onnx") and _has_onnxruntime():
+        onnx = bundled_onnx(name, int8=backend == "onnx-int8") if weights is None else None
+        if onnx is not None and backend in ("auto", "onnx", "onnx-int8") and _has_onnxruntime():
             return cls.from_onnx(onnx, preset, tta, min_confidence)
         if weights is None and name not in pretrained_names():
             ready = ", ".join(pretrained_names()) or "none"

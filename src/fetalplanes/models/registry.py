@@ -78,6 +78,8 @@ def register_fallback(resolve: Callable[[str], ModelSpec | None]) -> None:
 #: fetalplanes/models/pretrained/. Known without importing torch, so ONNX inference of a
 #: bundled model never loads it.
 BUNDLED: dict[str, tuple[str, str]] = {"sononet16": ("SonoNet16.pth", "sononet16.onnx")}
+#: The same models quantised to int8 (`--backend onnx-int8`; scripts/export_bundled.py).
+BUNDLED_INT8: dict[str, str] = {"sononet16": "sononet16.int8.onnx"}
 
 
 def bundled_file(filename: str) -> Path | None:
@@ -91,8 +93,10 @@ def pretrained_names() -> list[str]:
     return [name for name, (weights, _) in sorted(BUNDLED.items()) if bundled_file(weights)]
 
 
-def bundled_onnx(name: str) -> Path | None:
+def bundled_onnx(name: str, int8: bool = False) -> Path | None:
     """The bundled ONNX copy of pretrained model `name` (torch-free inference)."""
+    if int8:
+        return bundled_file(BUNDLED_INT8[name]) if name in BUNDLED_INT8 else None
     return bundled_file(BUNDLED[name][1]) if name in BUNDLED else None
 
 

@@ -52,6 +52,7 @@ CPU_TARGETS: tuple[tuple[str, str, float, str], ...] = (
     ("train_cache_img_s", ">=", 15.0, "training from cache, img/s"),
     ("sort_peak_mb", "<", 1500.0, "peak memory while sorting, MB"),
     ("zero_shot_onnx_img_s", ">=", 90.0, "SonoNet-16 predict of a folder, img/s"),
+    ("zero_shot_onnx-int8_img_s", ">=", 90.0, "SonoNet-16 int8 predict of a folder, img/s"),
     ("zero_shot_onnx_peak_mb", "<=", 800.0, "SonoNet-16 predict peak memory, MB"),
     ("zero_shot_onnx_one_image_s", "<=", 1.5, "SonoNet-16 one image on the CLI, s"),
     ("scan_fps", ">=", 25.0, "scan of a clip with SonoNet-16, frames/s"),

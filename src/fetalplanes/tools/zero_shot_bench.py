@@ -63,7 +63,8 @@ def _predict_cmd(backend: str, target: Path) -> list[str]:
             "--backend", backend, "--format", "csv", "--quiet"]
 
 
-def zero_shot_rows(tmp: Path, n_images: int, backends: tuple[str, ...] = ("torch", "onnx"),
+def zero_shot_rows(tmp: Path, n_images: int,
+                   backends: tuple[str, ...] = ("torch", "onnx", "onnx-int8"),
                    progress: bool = True) -> list[Row]:
     """End-to-end img/s and peak memory per backend, one-image latency, and the plain loop."""
     scans = write_scans(tmp / "zero-shot-scans", n_images, min(n_images, 64), progress)
