@@ -194,3 +194,25 @@ def test_origin_layout_as_a_user_types_it(seed_data: Path, tmp_path: Path) -> No
     b = load_dataset(tmp_path)
     assert len(a.samples) == len(b.samples) == expected and not a.missing and not b.missing
     assert all(s.path.parent.name == "train_test" for s in b.samples)
+
+
+def test_data_that_cannot_give_an_honest_model_is_a_problem(tmp_path: Path) -> None:
+    """One class, or no validation/test patients: data check exits 1; train refuses one
+    class and warns about missing held-out patients."""
+    from typer.testing import CliRunner
+
+    from fetalplanes.cli import app
+    from fetalplanes.data.synth import generate
+
+    one = tmp_path / "one"
+    generate(one, per_class=6, planes=("Fetal brain",), size=(90, 120), progress=False)
+    r = CliRunner().invoke(app, ["data", "check", str(one), "--preset", "seed4"])
+    assert r.exit_code == 1 and "only one class has images (Fetal brain)" in r.output
+    t = CliRunner().invoke(app, ["train", str(one), "--model", "seed-cnn", "--epochs", "1",
+                                 "--out", str(tmp_path / "run"), "-q"])
+    assert t.exit_code == 2 and "only one class" in t.output
+    assert not (tmp_path / "run" / "weights.safetensors").exists()
+    tiny = tmp_path / "tiny"
+    generate(tiny, per_class=2, size=(90, 120), progress=False)
+    r = CliRunner().invoke(app, ["data", "check", str(tiny)])
+    assert r.exit_code == 1 and "no val patients" in r.output

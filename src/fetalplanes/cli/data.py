@@ -62,6 +62,7 @@ def data_check(
 
 def _print_check(report: Any) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     d, con = report.data, Console(soft_wrap=True)
@@ -79,6 +80,11 @@ def _print_check(report: Any) -> None:
         str(len(d.patients)),
     )
     con.print(t)
+    for s in ("train", "val", "test"):
+        missing = [c for c in d.classes if report.counts[s][c] == 0]
+        if missing and any(report.counts[s].values()):
+            con.print(f"[yellow]warning:[/yellow] the {s} split has no images of "
+                      f"{escape(', '.join(missing))}")
     for key, counts in report.groups.items():
         con.print(f"images per {key}: " + ", ".join(f"{k} {n}" for k, n in counts.items()),
                   markup=False)
@@ -89,6 +95,7 @@ def _print_check(report: Any) -> None:
         ("duplicate rows", d.duplicate_rows),
         ("unreadable files", report.unreadable),
         ("identical files", [" = ".join(g) for g in report.duplicate_files]),
+        ("cannot give an honest model", report.design_problems),
     ]
     for title, items in problems:
         if items:

@@ -33,7 +33,14 @@ class CheckReport:
         d = self.data
         return not (
             self.unreadable or self.duplicate_files or d.missing or d.unknown or d.duplicate_rows
+            or self.design_problems
         )
+
+    @property
+    def design_problems(self) -> list[str]:
+        """What stops the data from giving an honest model, whatever the files' state: one
+        class (nothing to tell apart) or no validation/test patients (nothing held out)."""
+        return design_problems(self.data, self.split)
 
     @property
     def groups(self) -> dict[str, dict[str, int]]:
@@ -52,6 +59,7 @@ class CheckReport:
             "n_patients": len(d.patients),
             "patients_per_split": {k: len(self.split.of(k)) for k in ("train", "val", "test")},
             "images_per_class_and_split": self.counts,
+            "design_problems": self.design_problems,
             "images_per_group": self.groups,
             "dropped": d.dropped,
             "unknown": d.unknown,
@@ -70,6 +78,23 @@ def group_counts(data: LabelledData) -> dict[str, dict[str, int]]:
         if counts:
             out[key] = dict(sorted(counts.items()))
     return out
+
+
+def design_problems(data: LabelledData, split: Split) -> list[str]:
+    """One line per reason the data cannot give an honestly evaluated classifier."""
+    problems = []
+    present = sorted({s.label for s in data.samples})
+    if len(present) < 2:
+        only = present[0] if present else "none"
+        problems.append(f"only one class has images ({only}); a classifier needs two or more")
+    for name, why in (("val", "to choose the epoch and calibrate"),
+                      ("test", "to measure the model on held-out patients")):
+        if data.samples and not split.of(name):
+            problems.append(
+                f"no {name} patients ({len(data.patients)} patients in all): nothing is held out "
+                f"{why}; add patients"
+            )
+    return problems
 
 
 def check_dataset(

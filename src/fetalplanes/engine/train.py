@@ -488,6 +488,7 @@ class Trainer:
         pp = resolve_preprocess(cfg)
         if self.main:
             warn_missing_classes(data, self.split)
+            refuse_or_warn_design(data, self.split)
             _print_plan(data, self.split, cfg, self.device, self.run)
         shown = self.progress and self.main
         x_tr, y_tr, fail_tr = _load_split_arrays(data, self.split.train, pp, cfg, shown,
@@ -774,6 +775,16 @@ def load_resume_state(t: Trainer, meta: dict[str, Any]) -> None:
     t.history = list(meta["history"])
     t.seconds = float(meta.get("seconds", 0.0))
     t.stopped_early = bool(meta.get("stopped_early", False))
+
+
+def refuse_or_warn_design(data: LabelledData, split: Split) -> None:
+    """One class cannot train a classifier (refused); no held-out patients trains, warned."""
+    from fetalplanes.data.checks import design_problems
+
+    for problem in design_problems(data, split):
+        if problem.startswith("only one class"):
+            raise FetalPlanesError(f"{data.root}: {problem}")
+        warn(problem)
 
 
 def warn_missing_classes(data: LabelledData, split: Split) -> None:
