@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
-from fetalplanes.console import info
+from fetalplanes.console import info, say
 
 
 def free_folder(out: Path) -> Path:
@@ -54,9 +55,9 @@ def run_demo(
 
     t0 = time.perf_counter()
     out = free_folder(Path(out))
-    info(
-        f"[bold]fetalplanes demo[/bold] — everything below uses SYNTHETIC phantoms, not real "
-        f"scans; writing to {out}"
+    say(
+        "[bold]fetalplanes demo[/bold] — everything below uses SYNTHETIC phantoms, not real "
+        f"scans; writing to {escape(str(out))}"
     )
     info("1/5 generating a synthetic labelled data set (seed layout: image_label.csv + images/)")
     generate(out / "data", per_class=per_class, fmt="seed", seed=seed, progress=progress)
@@ -86,7 +87,7 @@ def run_demo(
     summary = sort_images(predictor, out / "new-scans", out / "sorted", progress=False)
     acc = ev.metrics["accuracy"]
     info("")
-    info(
+    say(
         f"[bold]held-out accuracy (synthetic, {ev.metrics['n_patients']} unseen patients, "
         f"{ev.metrics['n_images']} images): {acc:.4f}[/bold]"
     )
