@@ -62,6 +62,7 @@ def test_commands_registered_on_the_main_cli() -> None:
     assert {"export", "bench", "cache"} <= names
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json(app: typer.Typer, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--quick", "--img-size", "64", "--json", str(out), "--quiet"]

@@ -95,6 +95,7 @@ def seed_cnn_run(tmp_path_factory: pytest.TempPathFactory, folders_data: Path) -
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["seed_cnn_run", "trained_run"])
 def test_heatmap_for_trained_runs(which: str, request: pytest.FixtureRequest, scans: Path) -> None:
     predictor = Predictor.from_run(request.getfixturevalue(which), device="cpu")

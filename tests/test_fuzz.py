@@ -27,6 +27,8 @@ from fetalplanes.data.images import decode_image, image_size
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.serving.uploads import UploadRejected, read_uploads
 
+pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
+
 #: Examples per test: about 10 s for the file on two shared cores. `FUZZ_SCALE=20` runs
 #: twenty times as many (same derandomised inputs, then more).
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import REPO, need_shared, shared_dir
 
+pytestmark = pytest.mark.slow  # real frames and subprocesses: CI lane
+
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install .[onnx]")
 
 FRAMES = shared_dir() / "sononet" / "example_images"

@@ -36,6 +36,8 @@ from fetalplanes.inference.timeline import (
     write_scan,
 )
 
+pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
+
 runner = CliRunner()
 CLASSES = ["A", "B", NOT_TARGET]
 

@@ -26,6 +26,8 @@ from fetalplanes.serving import ServeSettings, create_app
 from fetalplanes.serving import scan as scan_module
 from fetalplanes.serving.scan import SCAN, ScanResponse
 
+pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
+
 
 class NoHeatmaps:
     available = False

@@ -33,6 +33,8 @@ from fetalplanes.serving.hosts import host_name
 from fetalplanes.serving.server import guarded, uvicorn_options
 from fetalplanes.serving.uploads import UploadRejected, read_uploads
 
+pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
+
 PREDICT = "/api/v1/predict"
 #: Short server timeouts so each slow-client test takes about a second.
 FAST = dict(header_timeout_s=1.0, keep_alive_s=1.0, body_timeout_s=1.0)

@@ -17,6 +17,8 @@ from fetalplanes.engine import tracking
 from fetalplanes.engine.tracking import Tracker, flatten_params, open_tracker
 from fetalplanes.errors import FetalPlanesError
 
+pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
+
 PARAMS = {"model": {"name": "efficientnet_lite0", "img_size": (96, 96)}, "lr": 0.001,
           "epochs": 2, "augment": True, "data": Path("/data/african"), "weights": None}
 EPOCHS = {1: {"train_loss": 1.5, "val_acc": 0.5, "phase": "warmup"},

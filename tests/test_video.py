@@ -33,6 +33,8 @@ from fetalplanes.data.video import (
 )
 from fetalplanes.errors import ImageError
 
+pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
+
 #: (capture, frames) in order. Between the standard planes the probe passes other anatomy
 #: (kidneys, spine, profile: planes the model must reject), three frames each.
 PLAN = (("ABDOMINAL", 8), ("KIDNEYS", 3), ("BRAIN-CB", 8), ("SPINE-SAGITTAL", 3), ("FEMUR", 8),

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from fetalplanes.cli import app
 
+pytestmark = pytest.mark.slow  # real frames and subprocesses: CI lane
+
 SEED4_OF = {"3VV": "Fetal thorax", "4CH": "Fetal thorax", "LVOT": "Fetal thorax",
             "RVOT": "Fetal thorax", "ABDOMINAL": "Fetal abdomen", "BRAIN-CB": "Fetal brain",
             "BRAIN-TV": "Fetal brain", "FEMUR": "Fetal femur"}
