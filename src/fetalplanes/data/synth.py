@@ -26,14 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-PLANES: tuple[str, ...] = (
-    "Fetal abdomen",
-    "Fetal brain",
-    "Fetal femur",
-    "Fetal thorax",
-    "Maternal cervix",
-    "Other",
-)
+from fetalplanes.data.datasets import PLANES  # one list of plane names
+
 SEED4: tuple[str, ...] = PLANES[:4]
 BRAIN_PLANES: tuple[str, ...] = ("Trans-thalamic", "Trans-cerebellum", "Trans-ventricular")
 NOT_A_BRAIN = "Not A Brain"
