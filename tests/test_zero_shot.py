@@ -123,3 +123,24 @@ def test_not_target_for_the_bundled_model_is_background_or_other_planes() -> Non
               rng.integers(0, 256, (540, 800)).astype(np.uint8)]
     for r in p.predict_arrays(images):
         assert r.label == "not_target" and r.not_target and r.model_label == "Background"
+
+
+def test_evaluate_the_bundled_model_on_labelled_real_scans(
+    sononet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`evaluate sononet16 DATA` scores the folded planes (not_target counts as an error)
+    and writes runs/eval/sononet16-<data>/, never into the package."""
+    import json
+    import shutil
+
+    _, _, heads = sononet
+    data = tmp_path / "heads"
+    (data / "Fetal brain").mkdir(parents=True)
+    for f in sorted(heads.glob("*.png")):
+        shutil.copy(f, data / "Fetal brain" / f.name)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["evaluate", "sononet16", str(data)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "runs" / "eval" / "sononet16-heads" / "metrics.json")
+                         .read_text())
+    assert metrics["n_images"] == 24 and metrics["accuracy"] >= 0.8

@@ -18,7 +18,13 @@ from fetalplanes.cli.common import (
 
 
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder from `train`.")],
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="Model: a run folder from `train`, an .onnx file or a pretrained name "
+            "(sononet16; then DATA is required)."
+        ),
+    ],
     data: Annotated[
         Path | None,
         typer.Argument(
@@ -28,7 +34,8 @@ def evaluate(
     ] = None,
     split: Annotated[Split_, typer.Option(help="Which recorded patients.")] = Split_.test,
     out: Annotated[
-        Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT).")
+        Path | None,
+        typer.Option(help="Output folder (default RUN/eval-SPLIT, runs/eval/... for others)."),
     ] = None,
     labels: LabelsOpt = None,
     preset: Annotated[
@@ -39,7 +46,7 @@ def evaluate(
             "among the model's).",
         ),
     ] = None,
-    backend: BackendArg = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.auto,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
     ensemble: EnsembleOpt = None,
     ood: Annotated[
@@ -54,11 +61,15 @@ def evaluate(
     """Loss, accuracy, balanced accuracy, F1, per-class metrics, confusion matrix, calibration;
     per site/machine/operator when the label file records them."""
     from fetalplanes.engine.evaluate import evaluate as evaluate_fn
+    from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE
 
     predictor = None
     if ensemble:
         predictor = build_predictor(run, None, None, "seed4", backend.value, tta, 0.0, ensemble)
         out = out or run / f"eval-ensemble-{split.value}"
+    elif not run.is_dir():  # a pretrained name or an .onnx file
+        predictor = build_predictor(run, None, None, preset or "seed4", backend.value, tta,
+                                    DEFAULT_MIN_CONFIDENCE)
     evaluate_fn(
         run,
         data,

@@ -26,7 +26,7 @@ def serve(
         str, typer.Option(help="Address to bind; anything but loopback prints a warning.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    backend: BackendArg = BackendOpt.torch,
+    backend: BackendArg = BackendOpt.auto,
     max_file_mb: Annotated[
         float, typer.Option("--max-file-mb", min=0.001, help="Largest accepted file (MiB).")
     ] = 20,
@@ -86,7 +86,7 @@ def serve(
             run, model, weights, preset, backend.value, False, min_confidence
         )
     except ModuleNotFoundError as exc:  # e.g. --backend onnx without onnxruntime
-        hint = " (pip install 'fetalplanes[onnx]')" if backend is not BackendOpt.torch else ""
+        hint = " (pip install 'fetalplanes[onnx]')" if backend.value.startswith("onnx") else ""
         fail(f"cannot load the model: module {exc.name} is missing{hint}")
     warning = exposure_warning(host)
     if warning:

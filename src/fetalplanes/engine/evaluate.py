@@ -277,13 +277,15 @@ def rejection_metrics(preds: list[Prediction], probs: np.ndarray, y: np.ndarray)
 
 
 def default_out(run: Path, split: str, data_root: str | Path | None, same: bool) -> Path:
-    """RUN/eval-SPLIT for the run's own data; RUN/eval-<data name>[-N] for other data,
-    never an existing folder, so an evaluation is never replaced by another."""
+    """RUN/eval-SPLIT for the run's own data; RUN/eval-<data name>[-N] for other data;
+    runs/eval/<model>-<data name>[-N] for a model that is not a run folder (a pretrained
+    name, an .onnx file). Never an existing folder: no evaluation replaces another."""
     if same:
         return run / f"eval-{split}"
     name = Path(data_root or "data").resolve().name or "data"
+    folder, prefix = (run, "eval-") if run.is_dir() else (Path("runs") / "eval", f"{run.stem}-")
     for i in range(1, 10_000):
-        p = run / (f"eval-{name}" if i == 1 else f"eval-{name}-{i}")
+        p = folder / (f"{prefix}{name}" if i == 1 else f"{prefix}{name}-{i}")
         if not p.exists():
             return p
     raise FetalPlanesError(f"{run}: too many evaluations of {name}")
@@ -313,7 +315,8 @@ def evaluate(
     """
     predictor = predictor or Predictor.from_run(run, backend=backend, tta=tta)
     samples, data, where, same = select_samples(predictor, data_root, split, labels, preset)
-    cmap = map_classes(data, predictor.card.classes, samples, same)
+    classes = predictor.output_classes  # a zero-shot model's folded planes
+    cmap = map_classes(data, classes, samples, same)
     got = collect(predictor, samples, progress)
     failures = got.failures
     if failures:
@@ -324,8 +327,8 @@ def evaluate(
     evaluated = [samples[i] for i in ok]
     y = np.array([cmap.run_index[s.label] for s in evaluated], dtype=np.int64)
     card = predictor.card
-    probs = calibrated_probs(got.outputs.logits, card.temperature)
-    raw = calibrated_probs(got.outputs.logits, 1.0)
+    probs = output_probs(predictor, got.outputs.logits, card.temperature)
+    raw = output_probs(predictor, got.outputs.logits, 1.0)
     metrics = evaluation_metrics(probs, y, cmap)
     metrics["rejection"] = rejection_metrics(got.predictions, probs, y)
     metrics |= group_metrics(evaluated, probs.argmax(axis=1), y)
@@ -345,11 +348,17 @@ def evaluate(
 
         metrics["ood"] = evaluate_ood(predictor, got.outputs, ood, progress)
     out_dir = Path(out) if out is not None else default_out(Path(run), split, data_root, same)
-    write_outputs(out_dir, metrics, probs, raw, y, evaluated, got.predictions, card.classes)
+    write_outputs(out_dir, metrics, probs, raw, y, evaluated, got.predictions, classes)
     if same and split == "test" and out is None and (Path(run) / SIDECAR).is_file():
         record_test_metrics(Path(run), metrics)
     print_summary(metrics, out_dir)
     return EvalResult(metrics, out_dir)
+
+
+def output_probs(predictor: Predictor, logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities over `predictor.output_classes` (folded for zero-shot)."""
+    probs = calibrated_probs(logits, temperature)
+    return probs if predictor.fold is None else predictor.fold(probs)[0]
 
 
 def record_test_metrics(run: Path, metrics: dict[str, Any]) -> None:
