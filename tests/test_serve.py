@@ -393,14 +393,14 @@ def test_concurrent_requests_all_succeed_and_share_batches(
     active, peak = 0, 0
     lock = threading.Lock()
 
-    def slow(items: Any) -> Any:
+    def slow(items: Any, **kw: Any) -> Any:
         nonlocal active, peak
         with lock:
             active += 1
             peak = max(peak, active)
         time.sleep(0.3)
         try:
-            return real(items)
+            return real(items, **kw)
         finally:
             with lock:
                 active -= 1

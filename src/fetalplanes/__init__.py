@@ -12,9 +12,15 @@ The command line (`fetalplanes ...`) is a thin layer over this Python API:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from fetalplanes._version import __version__
+
+# ONNX Runtime's telemetry writes a device id and a database under ~/.cache/Microsoft and
+# $HOME/.ses at the first session; it reads this switch only when it is imported, so it is
+# set before any module of ours can import it (a user may still set it to 0).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: Public name -> (module, attribute). Loaded on first use so `--help` stays fast
 #: (torch is imported only when a name that needs it is touched).

@@ -56,7 +56,26 @@ def to_gray(img: np.ndarray) -> np.ndarray:
         return _to_uint8(arr)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"expected a gray, RGB or RGBA image, got shape {arr.shape}")
-    rgb = _to_uint8(arr[..., :3])
+    if arr.dtype == np.uint8 and arr.shape[0] * arr.shape[1] > STRIP_PIXELS:
+        return _in_strips(arr)
+    return _colour_to_gray(_to_uint8(arr[..., :3]))
+
+
+#: Colour images above this many pixels are converted in strips of rows of about this size,
+#: so the conversion's temporaries stay a few MB however large the image (same pixels out).
+STRIP_PIXELS = 1 << 20
+
+
+def _in_strips(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape[:2], np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, arr.shape[1]))
+    for y in range(0, arr.shape[0], rows):
+        out[y : y + rows] = _colour_to_gray(arr[y : y + rows, :, :3])
+    return out
+
+
+def _colour_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """`to_gray` of uint8 RGB pixels (any number of rows)."""
     c0, c1, c2 = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     total = c0.astype(np.uint16) + c1 + c2
     gray = ((total + 1) // 3).astype(np.uint8)  # rounded channel mean

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import io
 import os
 import stat
 import warnings
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fetalplanes.data.formats import HEAD_BYTES, image_format, not_accepted, pillow_open
 from fetalplanes.errors import FetalPlanesError, ImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -113,6 +113,28 @@ def read_file(
                 size = max(st.st_size, len(data))
                 raise error(f"{path}: file too large ({_size(size)}; limit {_size(limit)})")
             return data
+    except FileNotFoundError:
+        raise error(f"{path}: {_missing_text(path)}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({os_error_text(exc)})") from None
+
+
+def read_head(
+    path: str | Path, n: int = HEAD_BYTES, error: type[FetalPlanesError] = ImageError
+) -> bytes:
+    """The first `n` bytes of a regular file (format sniffing), guarded like `read_file`:
+    a FIFO, socket or device is refused in one line instead of blocking the reader."""
+    path = Path(path)
+    try:
+        why = _why_not_regular(os.stat(path).st_mode)
+        if why:
+            raise error(f"{path}: {why}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            why = _why_not_regular(os.fstat(f.fileno()).st_mode)
+            if why:
+                raise error(f"{path}: {why}")
+            return f.read(n)
     except FileNotFoundError:
         raise error(f"{path}: {_missing_text(path)}") from None
     except OSError as exc:
@@ -288,15 +310,25 @@ def _unidentified(data: bytes) -> str:
             return f"corrupt or truncated {fmt} (header unreadable)"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "corrupt or truncated WebP (header unreadable)"
-    return "not an image (unrecognised format)"
+    return not_accepted(data[:HEAD_BYTES])
+
+
+def accepted_format(data: bytes, name: str) -> str:
+    """The allowed image format of `data` from its first bytes; ImageError for anything else
+    (PostScript, PDF, SVG ...), before any decoder sees a byte (`data.formats`)."""
+    fmt = image_format(data[:HEAD_BYTES])
+    if fmt is None:
+        raise ImageError(f"{name}: {not_accepted(data[:HEAD_BYTES])}")
+    return fmt
 
 
 def _pillow_size(data: bytes, name: str) -> tuple[int, int]:
-    """Size from Pillow's lazy open (reads the header only)."""
+    """Size from Pillow's lazy open (reads the header only), allowed formats only."""
+    fmt = accepted_format(data, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bombs are judged by size; no stray stderr lines
-            with Image.open(io.BytesIO(data)) as img:
+            with pillow_open(data, fmt) as img:
                 return img.size
     except UnidentifiedImageError:
         raise ImageError(f"{name}: {_unidentified(data)}") from None
@@ -338,6 +370,25 @@ def decoded_pixels(data: bytes, name: str = "<bytes>") -> int:
         return 0
     pixels = max(width, 0) * max(height, 0)
     return pixels if pixels <= MAX_PIXELS else 0
+
+
+#: Peak bytes of memory per decoded pixel, measured (decode -> grey -> crop -> resize) on
+#: 64-megapixel files with `ru_maxrss` (docs/reliability.md): lossless WebP 15.3 (libwebp
+#: decodes into a buffer Pillow then copies), colour PNG/JPEG 6.1, grey PNG 5.8; DICOM adds
+#: pydicom's frame array. Rounded up: an estimate must never be below the real cost.
+BYTES_PER_PIXEL = {"WEBP": 17, "DICOM": 9}
+DEFAULT_BYTES_PER_PIXEL = 7
+
+
+def decode_cost(data: bytes, name: str = "<bytes>") -> int:
+    """Bytes of memory decoding `data` may take at its peak, from the header alone (0 when
+    `decode_image` would refuse it before decoding). Lets a server bound the memory of the
+    decoding it runs at once, by bytes rather than pixels."""
+    pixels = decoded_pixels(data, name)
+    if not pixels:
+        return 0
+    fmt = "DICOM" if _sniff_dicom(data, name) else image_format(data[:HEAD_BYTES]) or ""
+    return pixels * BYTES_PER_PIXEL.get(fmt, DEFAULT_BYTES_PER_PIXEL)
 
 
 def _check_size(width: int, height: int, name: str) -> None:
@@ -427,10 +478,17 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     if img.mode == "L":
         return np.asarray(img, dtype=np.uint8).copy()
     if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
-        from fetalplanes.data.crop import to_gray
+        from fetalplanes.data.crop import STRIP_PIXELS, to_gray
 
-        rgb = img.convert("RGB")
-        return to_gray(np.asarray(rgb, dtype=np.uint8))
+        # strip by strip: a 64-megapixel colour image never exists twice (as a converted
+        # Pillow image and as a numpy copy); per-pixel conversions give the same pixels
+        width, height = img.size
+        out = np.empty((height, width), np.uint8)
+        rows = max(1, STRIP_PIXELS // max(1, width))
+        for y in range(0, height, rows):
+            strip = img.crop((0, y, width, min(height, y + rows))).convert("RGB")
+            out[y : y + rows] = to_gray(np.asarray(strip, dtype=np.uint8))
+        return out
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[-1] < 3:  # e.g. PA, La: the first channel is the gray
         arr = arr[..., 0]
@@ -496,12 +554,13 @@ def _decode_png_fast(data: bytes) -> np.ndarray | None:
 
 
 def _decode_pillow(data: bytes, name: str) -> np.ndarray:
+    allowed = accepted_format(data, name)
     fmt = ""  # "PNG " once Pillow has read the header, for the messages
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes on odd files: not for stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with pillow_open(data, allowed) as img:
                 fmt = f"{img.format} " if img.format else ""
                 _check_size(img.width, img.height, name)
                 img.load()
@@ -523,13 +582,15 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode image bytes (PNG, JPEG, BMP, TIFF, WebP, GIF or DICOM) to a 2-D uint8 array.
 
     The content is sniffed, never the extension, so a mislabelled file is still read
-    and a non-image with an image extension is rejected with a clear message. The size
-    is checked from the header before any decoder runs; every failure is an ImageError.
+    and a non-image with an image extension is rejected with a clear message. Only the
+    formats of `data.formats` reach a decoder (never Pillow's EPS/PostScript plugin). The
+    size is checked from the header before any decoder runs; every failure is an ImageError.
     """
     if not data:
         raise ImageError(f"{name}: empty file")
     if _sniff_dicom(data, name):
         return _decode_dicom(data, name)
+    accepted_format(data, name)  # the allow-list, before any decoder runs
     _check_size(*image_size(data, name), name)
     fast = _decode_png_fast(data)
     if fast is not None:

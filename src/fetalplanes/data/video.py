@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from fetalplanes.data.crop import to_gray
-from fetalplanes.data.images import MAX_PIXELS, is_image_path, opencv, read_image
+from fetalplanes.data.formats import not_accepted, video_format
+from fetalplanes.data.images import MAX_PIXELS, is_image_path, opencv, read_head, read_image
 from fetalplanes.errors import ImageError
 
 __all__ = [
@@ -123,10 +124,14 @@ class VideoSource(FrameSource):
         super().__init__(label, _rate(declared, fps), count if count > 0 else None)
 
     def _open(self, label: str) -> Any:
-        """An opened capture (cv2.VideoCapture); ImageError naming the file otherwise."""
+        """An opened capture (cv2.VideoCapture); ImageError naming the file otherwise.
+
+        FFmpeg only sees files whose first bytes name an allowed container (`data.formats`):
+        never a playlist or list of other files, never a FIFO or device (guarded read)."""
         cv2 = opencv()
-        if not Path(self._path).exists():
-            raise ImageError(f"{label}: file not found")
+        head = read_head(self._path)
+        if video_format(head) is None:
+            raise ImageError(f"{label}: {not_accepted(head, 'video')}")
         cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
         if not cap.isOpened():
             cap.release()
@@ -218,8 +223,7 @@ class FolderSource(FrameSource):
 def _is_dicom_file(path: Path) -> bool:
     from fetalplanes.data.dicom import is_dicom
 
-    with path.open("rb") as f:
-        return is_dicom(f.read(4096), path.name)
+    return is_dicom(read_head(path), path.name)
 
 
 def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
@@ -235,10 +239,7 @@ def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
         return FolderSource(path, fps)
     if not path.exists():
         raise ImageError(f"{path}: file not found")
-    try:
-        dicom = _is_dicom_file(path)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    dicom = _is_dicom_file(path)  # guarded: a FIFO or device is one line, never a hang
     return DicomSource(path, str(path), fps) if dicom else VideoSource(path, str(path), fps)
 
 

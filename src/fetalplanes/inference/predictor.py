@@ -8,6 +8,7 @@ from a file to a `Prediction` goes through `predict_paths`, the one streaming pa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 #: (probabilities over the model's classes) -> (probabilities, names) of a zero-shot model
 Fold = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]
+#: (name, bytes) -> a context held while that upload is decoded (a decode-memory budget)
+Hold = Callable[[str, bytes], contextlib.AbstractContextManager[Any]]
 
 
 class Predictor:
@@ -251,18 +254,26 @@ class Predictor:
         pixels = np.stack([self.pp.prepare_array(im) for im in images])
         return self.results(names, self.outputs(pixels))
 
-    def predict_bytes(self, items: Sequence[tuple[str, bytes]]) -> list[Prediction]:
-        """Predict uploaded files; undecodable ones come back with `error` set."""
+    def predict_bytes(
+        self, items: Sequence[tuple[str, bytes]], hold: Hold | None = None
+    ) -> list[Prediction]:
+        """Predict uploaded files; undecodable ones come back with `error` set.
+
+        Each file is decoded and prepared on its own, so only one full-size image is in
+        memory at a time; `hold(name, data)` wraps that step (a server's decode budget)."""
         results: dict[int, Prediction] = {}
         good: list[tuple[int, str, np.ndarray]] = []
         for i, (name, data) in enumerate(items):
             try:
-                good.append((i, name, decode_image(data, name)))
+                with hold(name, data) if hold is not None else contextlib.nullcontext():
+                    good.append((i, name, self.pp.prepare_array(decode_image(data, name))))
             except ImageError as exc:
                 results[i] = failed(name, str(exc))
-        preds = self.predict_arrays([g[2] for g in good], [g[1] for g in good])
-        for (i, _, _), p in zip(good, preds, strict=True):
-            results[i] = p
+        if good:
+            pixels = np.stack([g[2] for g in good])
+            preds = self.results([g[1] for g in good], self.outputs(pixels))
+            for (i, _, _), p in zip(good, preds, strict=True):
+                results[i] = p
         return [results[i] for i in range(len(items))]
 
     def predict_paths(

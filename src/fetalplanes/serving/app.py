@@ -10,7 +10,7 @@ import base64
 import logging
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fetalplanes._version import __version__
-from fetalplanes.data.images import decoded_pixels
+from fetalplanes.data.images import decode_cost, decoded_pixels
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import Prediction, columns, failed
-from fetalplanes.serving.batching import MicroBatcher
+from fetalplanes.serving.batching import DecodeBudget, MicroBatcher
 from fetalplanes.serving.explainer import Explainer, explainer_for, one_line
 from fetalplanes.serving.scan import scan_router
 from fetalplanes.serving.schemas import (
@@ -39,7 +39,7 @@ from fetalplanes.serving.schemas import (
     ModelInfo,
     PredictResponse,
 )
-from fetalplanes.serving.settings import ServeSettings
+from fetalplanes.serving.settings import MB, ServeSettings
 from fetalplanes.serving.uploads import Upload, UploadRejected, read_uploads, upload_body
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -124,13 +124,22 @@ def file_result(pred: Prediction, filename: str) -> FileResult:
     return FileResult(filename=filename, **pred.to_dict())
 
 
-def over_pixel_budget(uploads: list[Upload], budget: int) -> dict[int, str]:
+def over_pixel_budget(
+    uploads: list[Upload], budget: int, max_decode_bytes: int | None = None
+) -> dict[int, str]:
     """Uploads past the request's pixel budget (counted in upload order, from the headers
-    alone) -> their one-line error; the others are decoded as usual."""
+    alone), or whose decoding alone would need more memory than the server's decode budget
+    -> their one-line error; the others are decoded as usual."""
     used, refused = 0, {}
     for i, upload in enumerate(uploads):
         pixels = decoded_pixels(upload.data, upload.filename)
-        if used + pixels > budget:
+        cost = decode_cost(upload.data, upload.filename) if max_decode_bytes else 0
+        if max_decode_bytes and cost > max_decode_bytes:
+            refused[i] = (
+                f"{upload.filename}: decoding it needs about {cost / MB:.0f} MB, over this "
+                f"server's decode budget ({max_decode_bytes / MB:.0f} MB); send a smaller image"
+            )
+        elif used + pixels > budget:
             refused[i] = (
                 f"{upload.filename}: over this request's pixel budget ({budget / 1e6:g} "
                 "megapixels per request); send it in another request"
@@ -186,12 +195,17 @@ class PredictService:
         self.settings = settings
         self.explainer = explainer
         self._heat_requests = 0  # requests computing heat maps now (one event loop: no lock)
+        self.decode_budget = DecodeBudget(settings.max_decode_bytes)
         self.batcher: MicroBatcher[tuple[str, bytes], Prediction] = MicroBatcher(
-            predictor.predict_bytes,
+            lambda items: predictor.predict_bytes(items, hold=self.hold),
             slots=settings.max_concurrency,
             max_batch=settings.max_batch,
             window_s=settings.batch_window_ms / 1000,
         )
+
+    def hold(self, name: str, data: bytes) -> AbstractContextManager[None]:
+        """Wait until decoding this upload fits the server's decode budget (threads)."""
+        return self.decode_budget.hold(decode_cost(data, name))
 
     async def read(self, request: Request) -> list[Upload]:
         s = self.settings
@@ -213,7 +227,9 @@ class PredictService:
 
     async def classify(self, uploads: list[Upload], explain: bool) -> list[FileResult]:
         budget = self.settings.max_request_pixels  # headers only, but off the event loop
-        refused = await anyio.to_thread.run_sync(over_pixel_budget, uploads, budget)
+        refused = await anyio.to_thread.run_sync(
+            over_pixel_budget, uploads, budget, self.settings.max_decode_bytes
+        )
         todo = [u for i, u in enumerate(uploads) if i not in refused]
         done = iter(await self.batcher.submit([(u.filename, u.data) for u in todo]))
         preds = [

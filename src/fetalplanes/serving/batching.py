@@ -12,8 +12,10 @@ the gate, while ordinary batches share it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -49,6 +51,60 @@ class ModelGate:
             finally:
                 for _ in range(taken):
                     self._sem.release()
+
+
+class DecodeBudget:
+    """Bytes of decoding memory in flight, all requests together.
+
+    Why: pixels are a poor proxy for memory (a lossless WebP costs over twice a PNG of the
+    same size per pixel); each upload's cost comes from its header (`images.decode_cost`)
+    and decoding waits until it fits, so concurrent requests cannot add up past `total`."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        cost = min(max(cost, 0), self.total)  # over-budget files are refused before this
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + cost <= self.total)
+            self.used += cost
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= cost
+                idle = self.used == 0
+                self._cond.notify_all()
+            if idle and cost >= TRIM_BYTES:
+                release_free_memory()
+
+
+#: After decoding at least this much, free heap pages go back to the system.
+TRIM_BYTES = 64 * 1024 * 1024
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """glibc keeps freed blocks of decoder threads in per-thread arenas, so a server that
+    decoded a few large images stays hundreds of MB above idle; `malloc_trim(0)` hands
+    those pages back. A no-op where there is no glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from fetalplanes.serving.framing import RequestGuard
 from fetalplanes.serving.hosts import HostGuard
 from fetalplanes.serving.settings import ServeSettings
 
@@ -93,8 +94,9 @@ def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
 
 
 def guarded(app: ASGIApp, settings: ServeSettings) -> ASGIApp:
-    """The app behind the Host allow-list, as `run_server` serves it."""
-    return HostGuard(app, settings.host_names())
+    """The app as `run_server` serves it: framing and head size checked first, then the
+    Host allow-list."""
+    return RequestGuard(HostGuard(app, settings.host_names()), settings.max_header_bytes)
 
 
 def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:

@@ -21,6 +21,7 @@ _AT_LEAST_ONE = (
     "max_part_header_bytes",
     "max_header_bytes",
     "max_request_pixels",
+    "max_decode_bytes",
     "max_heatmap_requests",
     "max_heatmaps_per_request",
 )
@@ -50,6 +51,9 @@ class ServeSettings:
     max_part_header_bytes: int = 16 * KB  # the headers of one multipart part
     max_header_bytes: int = 64 * KB  # HTTP request line and headers (h11's incomplete event)
     max_request_pixels: int = 128_000_000  # pixels decoded for one request, all files
+    # memory that decoding may take at once, all requests together (estimated per file from
+    # its header, `images.decode_cost`); a file needing more is refused
+    max_decode_bytes: int = 768 * MB
     max_heatmap_requests: int = 4  # requests computing heat maps at once (running or queued)
     max_heatmaps_per_request: int = 16  # heat maps made for one request
     header_timeout_s: float = 10.0  # a connection must send a whole request head in this time
