@@ -6,13 +6,37 @@ Images are generated at reduced size so the whole suite fits a 2-core CI machine
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Before torch loads: spinning OpenMP threads make tiny tensors ~5x slower on a busy 2-core box.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest
-import torch
+# Tests never write to the user's ~/.cache (nor does anything they start): caches go to a
+# temporary folder, and the session ends by checking that ~/.cache was left as it was.
+_HOME_CACHE = Path.home() / ".cache"
+_WATCHED = ("fetalplanes", "Microsoft", "matplotlib", "torch", "huggingface", "ray")
+
+
+def _cache_snapshot() -> dict[str, float]:
+    """Top-level entries of ~/.cache, and every file below the ones fetalplanes could touch."""
+    if not _HOME_CACHE.is_dir():
+        return {}
+    seen = {p.name: 0.0 for p in _HOME_CACHE.iterdir()}
+    for name in _WATCHED:
+        for p in (_HOME_CACHE / name).rglob("*") if (_HOME_CACHE / name).is_dir() else ():
+            seen[str(p.relative_to(_HOME_CACHE))] = p.lstat().st_mtime
+    return seen
+
+
+_CACHE_BEFORE = _cache_snapshot()
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # for tests that use onnxruntime directly
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fetalplanes-tests-cache-")
+os.environ["MPLCONFIGDIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "matplotlib")
+os.environ["FETALPLANES_CACHE"] = os.path.join(os.environ["XDG_CACHE_HOME"], "fetalplanes")
+
+import pytest  # noqa: E402  (after the environment above)
+import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("FETALPLANES_THREADS", min(2, os.cpu_count() or 1))))
 
@@ -117,3 +141,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if anything wrote to the user's ~/.cache."""
+    after = _cache_snapshot()
+    changed = sorted(k for k in after.keys() | _CACHE_BEFORE.keys()
+                     if after.get(k) != _CACHE_BEFORE.get(k))
+    if changed:
+        print(f"\nerror: the tests wrote to {_HOME_CACHE}: {', '.join(changed[:10])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -27,7 +27,7 @@ PRELOAD = [
     "torch",
     "fetalplanes.cli",
     "fetalplanes.inference.backends",
-    "fetalplanes.inference.sorting",
+    "fetalplanes.workflows.sorting",
 ]
 SCAN_SIZE = (48, 64)
 _ctx: Any = None
@@ -94,7 +94,10 @@ def partials(out: Path) -> list[Path]:
 
 def check_sorted(inp: Path, out: Path, classes: list[str]) -> list[dict[str, str]]:
     """Every input has one error-free journal row and one byte-identical copy; nothing else."""
-    from fetalplanes.inference.sorting import JOURNAL, journal_columns
+    from fetalplanes.data.sources import OUTPUT_MARKER
+    from fetalplanes.workflows.sorting import JOURNAL, SETTINGS, journal_columns
+
+    own = {JOURNAL, SETTINGS, OUTPUT_MARKER}  # the sort's own bookkeeping beside the copies
 
     header, rows = read_journal(out)
     assert header == journal_columns(classes)
@@ -108,7 +111,7 @@ def check_sorted(inp: Path, out: Path, classes: list[str]) -> list[dict[str, str
     for r in rows:
         assert (out / r["destination"]).read_bytes() == Path(r["path"]).read_bytes()
     files = sorted(
-        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != JOURNAL
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in own
     )
     assert files == sorted(dests), "copies without a row (duplicates) or leftovers"
     return rows
@@ -205,7 +208,7 @@ def _child_setup(log: str | None, slow: float) -> None:
         os.dup2(fd, 2)
         os.close(fd)
     if slow:  # keep each copy's temp file around a while: kills land mid-copy
-        from fetalplanes.inference import sorting
+        from fetalplanes.workflows import sorting
 
         copy = sorting._copy_file
 
@@ -219,7 +222,7 @@ def _child_setup(log: str | None, slow: float) -> None:
 def _sort_job(run: str, inp: str, out: str, workers: int, slow: float, log: str | None) -> None:
     _child_setup(log, slow)
     from fetalplanes.inference.predictor import Predictor
-    from fetalplanes.inference.sorting import sort_images
+    from fetalplanes.workflows.sorting import sort_images
 
     pred = Predictor.from_run(run)
     sort_images(pred, inp, out, min_confidence=0.0, batch_size=4, workers=workers, progress=False)

@@ -85,8 +85,13 @@ def test_evaluate_and_sort(trained_run: Path, scans: Path, tmp_path: Path) -> No
     assert r.exit_code == 0 and (tmp_path / "ev" / "metrics.json").is_file()
     r = _run("sort", trained_run, scans, tmp_path / "sorted", "--min-confidence", "0.3", "-q")
     assert r.exit_code == 0 and "sorted 8 images" in r.output
-    r = _run("sort", trained_run, scans, tmp_path / "sorted", "-q")
+    r = _run("sort", trained_run, scans, tmp_path / "sorted", "--min-confidence", "0.3", "-q")
     assert "sorted 0 images" in r.output and "8 already done" in r.output
+    # other settings than the journal's: said in one line, nothing sorted by other rules
+    r = _run("sort", trained_run, scans, tmp_path / "sorted", "-q")
+    assert r.exit_code == 2 and "sorted with other settings" in r.output
+    assert "min_confidence 0.3" in r.output and "min_confidence 0.5" in r.output
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_models_lists_registry() -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fetalplanes.cli import app
 from fetalplanes.data.loading import expand_frames, list_items, read_item
-from fetalplanes.inference.sorting import JOURNAL
+from fetalplanes.workflows.sorting import JOURNAL
 
 ORDER = ("ABDOMINAL", "BRAIN-CB", "FEMUR")  # the cine's planes, in frame order
 PLANE = {"ABDOMINAL": "Fetal abdomen", "BRAIN-CB": "Fetal brain", "FEMUR": "Fetal femur"}

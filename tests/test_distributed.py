@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -210,11 +211,16 @@ def test_a_rank_killed_mid_epoch_ends_the_job_with_one_message(
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert rc != 0 and len(errors) == 1, log
     assert "keeps epoch" in errors[0] and f"--resume {run.name}" in errors[0]
-    assert "fetalplanes/" not in log  # no traceback from our code, only torchrun's report
+    # no traceback from our code, only torchrun's report (the venv path may hold the
+    # project's name, e.g. a clone in a folder named fetalplanes: look for our modules)
+    assert not re.search(r'File "[^"]*fetalplanes/(cli|data|engine|inference|models)/', log), log
     # stopped, never half-written: no sidecar claiming a finished run, resumable state
     assert not is_finished(run)
     state = json.loads((run / RESUME_DIR / "state.json").read_text())
-    assert 1 <= state["epoch"] < 40 and len(history(run)) == state["epoch"]
+    # history.csv is written just before the resume state, so a kill between the two
+    # leaves it one row ahead; resuming restores the history from the state and rewrites it
+    assert 1 <= state["epoch"] < 40
+    assert state["epoch"] <= len(history(run)) <= state["epoch"] + 1
     assert not (run / "curves.png").exists()
     assert not [p.name for p in run.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 

@@ -172,7 +172,7 @@ def test_export_cli(seed_run: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert out.is_file() and "opset 17" in res.output
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "nope")])
-    assert bad.exit_code == 2 and "run folder not found" in bad.output
+    assert bad.exit_code == 2 and "not a run folder, an .onnx file or a pretrained" in bad.output
 
 
 @pytest.mark.parametrize("tta", [False, True])

@@ -193,7 +193,7 @@ def test_ray_predicts_what_the_local_engine_predicts(
 def test_sort_on_ray_copies_and_journals_like_the_local_sort(
     ray_instance: Any, run: Path, scans: Path, tmp_path: Path
 ) -> None:
-    from fetalplanes.inference.sorting import sort_images
+    from fetalplanes.workflows.sorting import sort_images
 
     local, remote = predictors(run, "torch")
     a = sort_images(local, scans, tmp_path / "local", batch_size=8, workers=0, progress=False)
@@ -212,7 +212,7 @@ def test_sort_on_ray_copies_and_journals_like_the_local_sort(
 def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(
     ray_instance: Any, run: Path, scans: Path, tmp_path: Path, fault_marker: Path
 ) -> None:
-    from fetalplanes.inference.sorting import sort_images
+    from fetalplanes.workflows.sorting import sort_images
 
     _, remote = predictors(run, "torch")
     fault_marker.unlink()  # arm: the first actor to reach its 2nd batch exits hard, once
@@ -235,12 +235,13 @@ class StopAfter(RayPredictor):
     limit = 10**9
     given: ClassVar[list[int]] = []
 
-    def predict_paths(self, paths: Any, *args: Any, **kw: Any) -> Iterator[Any]:
-        StopAfter.given.append(len(paths))
-        for n, pred in enumerate(super().predict_paths(paths, *args, **kw)):
+    def stream(self, items: Any, **kw: Any) -> Iterator[Any]:
+        items = list(items)
+        StopAfter.given.append(len(items))
+        for n, result in enumerate(super().stream(items, **kw)):
             if n == self.limit:
                 raise KeyboardInterrupt
-            yield pred
+            yield result
 
 
 @pytest.mark.slow
@@ -248,7 +249,7 @@ def test_an_interrupted_ray_sort_resumes_from_its_journal(
     ray_instance: Any, run: Path, scans: Path, tmp_path: Path
 ) -> None:
     from fetalplanes.inference.predictor import Predictor
-    from fetalplanes.inference.sorting import sort_images
+    from fetalplanes.workflows.sorting import sort_images
 
     out = tmp_path / "out"
     first = StopAfter(Predictor.from_run(run), ModelRecipe(str(run)))

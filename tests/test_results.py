@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fetalplanes.cli import app
 from fetalplanes.inference.results import Prediction, columns, failed
-from fetalplanes.inference.sorting import journal_columns
+from fetalplanes.workflows.sorting import journal_columns
 
 FOLDED = ["Fetal abdomen", "Fetal brain", "Fetal femur", "Fetal thorax", "not_target"]
 
@@ -25,7 +25,8 @@ def test_columns_are_unique_even_with_a_not_target_class() -> None:
 
 
 def test_csv_row_reads_back_with_dictreader() -> None:
-    p = Prediction("=cmd|calc.png", "Fetal brain", 0.9, dict.fromkeys(FOLDED, 0.2),
+    p = Prediction("=cmd|calc.png", label="Fetal brain", confidence=0.9,
+                   probs=dict.fromkeys(FOLDED, 0.2),
                    not_target=False, rejection_score=0.71, model_label="Brain (Tv.)",
                    model_confidence=0.8)
     buf = io.StringIO()

@@ -10,6 +10,7 @@ import io
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,10 +23,12 @@ from typer.testing import CliRunner
 from fetalplanes.cli import app
 from fetalplanes.data.crop import to_gray
 from fetalplanes.data.preprocess import Preprocess
-from fetalplanes.data.video import FrameSource, open_source
+from fetalplanes.data.sources import Item, open_source
+from fetalplanes.data.sources import Source as FrameSource
 from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import NOT_TARGET, Prediction, columns
-from fetalplanes.inference.timeline import (
+from fetalplanes.workflows.scan import (
     ScanLimitError,
     ScanResult,
     measure_scan_fps,
@@ -53,26 +56,36 @@ class ListSource(FrameSource):
         super().__init__("sweep.avi", fps, n if known_length else None)
         self.n, self.fail_at = n, fail_at
 
-    def frames(self, every: int = 1) -> Iterator[tuple[int, float, np.ndarray]]:
+    def items(self, every: int = 1) -> Iterator[Item]:
         for i in range(0, self.n, every):
             if i == self.fail_at:
                 raise ImageError(f"{self.name}: cannot decode frame {i}")
             frame = np.full((20, 30), i, np.uint8)
             frame[i % 20, :] = 255 - i  # makes every frame's full-size pixels unique
-            yield i, i / self.fps, frame
+            yield Item(self.item_name(i), i, i / self.fps, pixels=frame)
 
 
-class CodedPredictor:
-    """Answers from a table: frame i (its pixel value) -> (label, confidence, rejected by the
-    per-frame rule). The rest of the probability is shared by the other classes."""
+class CodedPredictor(Predictor):
+    """The engine with a network that answers from a table: frame i (its pixel value) ->
+    (label, confidence, rejected by the per-frame rule). The rest of the probability is
+    shared by the other classes."""
 
     pp = Preprocess(size=(4, 4), crop=False)
-    output_classes = CLASSES
+    output_classes = CLASSES  # type: ignore[assignment]
     min_confidence = 0.5
 
     def __init__(self, table: Sequence[tuple[str, float, bool]]):
         self.table = list(table)
         self.batches: list[int] = []
+        self.backend = None  # type: ignore[assignment]  # no worker model: classify below
+
+    def classify(self, items: Any, batch: Any, keep_outputs: bool = False) -> list[Prediction]:
+        """The engine's classify step with the table as the network."""
+        assert not batch.failures
+        preds = self.predict_prepared(batch.arrays, [it.name for it in items])
+        for item, pred in zip(items, preds, strict=True):
+            pred.frame, pred.time_s = item.frame, item.time_s
+        return preds
 
     def predict_prepared(self, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
         self.batches.append(len(pixels))
@@ -83,7 +96,8 @@ class CodedPredictor:
             rest = (1 - conf) / (len(CLASSES) - 1)
             probs = {c: conf if c == label else rest for c in CLASSES}
             nt = rejected or label == NOT_TARGET
-            out.append(Prediction(name, NOT_TARGET if nt else label, conf, probs, not_target=nt,
+            out.append(Prediction(name, label=NOT_TARGET if nt else label, confidence=conf,
+                                  probs=probs, not_target=nt,
                                   uncertain=not nt and conf < self.min_confidence))
         return out
 
@@ -198,7 +212,8 @@ def test_timeline_csv_is_the_result_schema_plus_time_and_smoothing(tmp_path: Pat
         rows = list(reader)
     header = reader.fieldnames
     assert header == timeline_columns(CLASSES)
-    assert header[0] == "time_s" and header[1 : 1 + len(columns(CLASSES))] == columns(CLASSES)
+    assert header[: len(columns(CLASSES))] == columns(CLASSES)  # the result schema, time in it
+    assert header[:3] == ["path", "frame", "time_s"]
     assert {"p_A", "p_B", "p_not_target", "rejection_score", "smoothed_label",
             "smoothed_p_A"} <= set(header)
     assert [r["frame"] for r in rows] == [str(i) for i in range(8)]
@@ -336,18 +351,36 @@ def test_scan_folder_of_frames_best_frames_are_exactly_source_frames(
         assert best.time_s == pytest.approx(best.frame / 30)
 
 
-def test_default_out_is_scans_stem_and_never_overwrites(
+def test_default_out_is_runs_scan_stem_and_never_overwrites(
     weights: Path, real: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Outputs go to runs/scan/<stem>[-N], never beside the input, and are marked so a later
+    predict or sort of the folder does not take timeline.png or best frames for scans."""
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
         stdout = scan_cli(weights, real["clip"], "--every", "10", "--window", "1")
-    assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["clip", "clip-1"]
-    assert "scans/clip-1/timeline.csv" in stdout
+    scans = tmp_path / "runs" / "scan"
+    assert sorted(p.name for p in scans.iterdir()) == ["clip", "clip-1"]
+    assert "runs/scan/clip-1/timeline.csv" in stdout
     r = runner.invoke(app, ["scan", "--model", "sononet16", "--weights", str(weights),
-                            str(real["clip"]), "--out", str(tmp_path / "scans" / "clip")])
+                            str(real["clip"]), "--out", str(scans / "clip")])
     assert r.exit_code == 2 and "never overwrites" in r.output
     assert len(r.output.strip().splitlines()) == 1
+    # listing the project's own output: skipped with one line, never classified
+    r = runner.invoke(app, ["predict", "sononet16", "--weights", str(weights), str(tmp_path),
+                            "--format", "csv", "-q"])
+    assert "timeline.png" not in r.stdout and "best/" not in r.stdout
+    assert "results written by fetalplanes" in r.output
+
+
+def test_scan_refuses_an_output_inside_the_scanned_folder(
+    weights: Path, real: dict, tmp_path: Path
+) -> None:
+    folder = real["folder"]
+    r = runner.invoke(app, ["scan", "sononet16", "--weights", str(weights), str(folder),
+                            "--out", str(folder / "out")])
+    assert r.exit_code == 2 and "inside the folder being scanned" in r.output
+    assert not (folder / "out").exists()
 
 
 def test_scan_with_the_bundled_model_needs_no_weights(real: dict, tmp_path: Path) -> None:

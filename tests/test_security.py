@@ -32,7 +32,8 @@ from PIL import Image
 
 from fetalplanes.data.formats import image_format, pillow_open, refused_kind, video_format
 from fetalplanes.data.images import decode_cost, decode_image
-from fetalplanes.data.video import VideoSource, open_source
+from fetalplanes.data.sources import VideoFile as VideoSource
+from fetalplanes.data.sources import open_source
 from fetalplanes.errors import ImageError
 from fetalplanes.serving.batching import DecodeBudget
 from fetalplanes.serving.framing import framing_problem, head_bytes

@@ -389,7 +389,7 @@ def test_concurrent_requests_all_succeed_and_share_batches(
     predictor: Predictor, scans: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While one slow batch runs, waiting requests are merged into the next model call."""
-    real = predictor.predict_bytes
+    real = predictor.predict_items  # what the server's batches run (the engine, in-process)
     active, peak = 0, 0
     lock = threading.Lock()
 
@@ -400,12 +400,12 @@ def test_concurrent_requests_all_succeed_and_share_batches(
             peak = max(peak, active)
         time.sleep(0.3)
         try:
-            return real(items, **kw)
+            return list(real(items, **kw))
         finally:
             with lock:
                 active -= 1
 
-    monkeypatch.setattr(predictor, "predict_bytes", slow)
+    monkeypatch.setattr(predictor, "predict_items", slow)
     files = pngs(scans, 8)
     results: dict[int, Any] = {}
     with make_client(predictor, max_concurrency=1) as c:
@@ -492,7 +492,8 @@ def test_serve_command(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     from fetalplanes.cli import app
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(serving, "run_server", lambda a, s: seen.update(app=a, settings=s))
+    monkeypatch.setattr(serving, "run_server",
+                        lambda a, s, sock=None: seen.update(app=a, settings=s, sock=sock))
     runner = CliRunner()
     flags = "--port 0 --max-file-mb 1 --max-request-mb 3 --max-concurrency 3 --min-confidence 0.7"
     args = ["serve", str(trained_run), *flags.split()]
@@ -507,7 +508,7 @@ def test_serve_command(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     r = runner.invoke(app, [*args, "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "reachable from other machines" in r.output
     r = runner.invoke(app, ["serve"])
-    assert r.exit_code == 2 and "give either a RUN folder or --model" in r.output
+    assert r.exit_code == 2 and "either as the first argument or with --model" in r.output
 
 
 def test_onnx_backend_is_passed_through(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -521,10 +522,11 @@ def test_onnx_backend_is_passed_through(trained_run: Path, monkeypatch: pytest.M
         raise ModuleNotFoundError("no onnxruntime", name="onnxruntime")
 
     monkeypatch.setattr(Predictor, "from_run", fake_from_run)
-    monkeypatch.setattr(serving, "run_server", lambda a, s: None)
-    r = CliRunner().invoke(app, ["serve", str(trained_run), "--backend", "onnx"])
+    monkeypatch.setattr(serving, "run_server", lambda a, s, sock=None: None)
+    r = CliRunner().invoke(app, ["serve", str(trained_run), "--backend", "onnx", "--port", "0"])
     assert asked == {"backend": "onnx"}
-    assert r.exit_code == 2 and "module onnxruntime is missing" in r.output
+    assert r.exit_code == 2 and "onnxruntime, which is not installed" in r.output
+    assert "pip install 'fetalplanes[onnx]'" in r.output
 
 
 SHARED = Path(os.environ.get("FETALPLANES_SHARED", Path(__file__).parents[2] / "shared"))

@@ -192,8 +192,9 @@ def test_serve_command_takes_allow_host(
 
     run = make_tiny_run(tmp_path / "run")
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(serving, "run_server", lambda a, s: seen.update(settings=s))
-    args = ["serve", str(run), "--allow-host", "scanner.local", "--allow-host", "10.0.0.5"]
+    monkeypatch.setattr(serving, "run_server", lambda a, s, sock=None: seen.update(settings=s))
+    args = ["serve", str(run), "--allow-host", "scanner.local", "--allow-host", "10.0.0.5",
+            "--port", "0"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     names = seen["settings"].host_names()

@@ -1,6 +1,6 @@
 """Sort keeps its promises under faults: torn journals, kills at any point, orphan
 workers, SIGTERM, two sorts at once, read-only outputs, a full disk, bad folders and
-unreadable inputs (docs: `fetalplanes.inference.sorting`).
+unreadable inputs (docs: `fetalplanes.workflows.sorting`).
 
 An untrained 32 px seed-cnn and 48x64 px phantoms keep every run to a fraction of a
 second; kill tests run sorts as child processes of a preloaded forkserver (`faults`).
@@ -28,7 +28,7 @@ from fetalplanes.cli import app
 from fetalplanes.data.synth import SEED4
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.sorting import JOURNAL, LOCK, journal_columns, sort_images
+from fetalplanes.workflows.sorting import JOURNAL, LOCK, journal_columns, sort_images
 
 if not sys.platform.startswith("linux"):
     pytest.skip("fault tests inspect /proc (Linux only)", allow_module_level=True)

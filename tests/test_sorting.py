@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.sorting import safe_copy, sort_images
+from fetalplanes.workflows.sorting import safe_copy, sort_images
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:

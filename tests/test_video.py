@@ -20,17 +20,15 @@ from PIL import Image
 
 from fetalplanes.data.crop import to_gray
 from fetalplanes.data.images import opencv
-from fetalplanes.data.video import (
+from fetalplanes.data.sources import (
     DEFAULT_FPS,
-    DicomSource,
-    FolderSource,
-    VideoSource,
-    memory_file,
-    natural_key,
+    DicomFile,
+    FrameFolder,
+    VideoFile,
     open_source,
     open_upload,
-    write_video,
 )
+from fetalplanes.data.video import memory_file, natural_key, write_video
 from fetalplanes.errors import ImageError
 
 pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
@@ -144,7 +142,7 @@ def test_video_yields_every_frame_in_order_with_container_timing(
 ) -> None:
     frames, _ = real_sweep
     source = open_source(sweep_files["clip"])
-    assert isinstance(source, VideoSource) and source.fps == 25.0
+    assert isinstance(source, VideoFile) and source.fps == 25.0
     assert source.n_frames == len(frames) and source.spacing_mm is None
     got = list(source.frames())
     assert [i for i, _, _ in got] == list(range(len(frames)))
@@ -170,7 +168,7 @@ def test_video_every_k_skips_frames(sweep_files: dict[str, Path],
 def test_video_from_memory_reads_the_same_frames(sweep_files: dict[str, Path]) -> None:
     data = sweep_files["clip"].read_bytes()
     with open_upload(data, "upload.mp4") as source:
-        assert isinstance(source, VideoSource) and source.name == "upload.mp4"
+        assert isinstance(source, VideoFile) and source.name == "upload.mp4"
         from_memory = [f for _, _, f in source.frames(every=10)]
     from_disk = [f for _, _, f in open_source(sweep_files["clip"]).frames(every=10)]
     assert len(from_memory) == len(from_disk) == 5
@@ -193,7 +191,7 @@ def test_dicom_cine_is_cropped_to_its_region_with_spacing_and_timing(
 ) -> None:
     frames, _ = real_sweep
     source = open_source(sweep_files["cine"])
-    assert isinstance(source, DicomSource)
+    assert isinstance(source, DicomFile)
     assert source.fps == pytest.approx(20.0) and source.n_frames == len(frames)
     assert source.crop_box == SONONET_REGION
     dx_cm, dy_cm = SPACING_CM
@@ -213,7 +211,7 @@ def test_dicom_from_memory_and_never_its_patient(sweep_files: dict[str, Path]) -
     data = sweep_files["cine"].read_bytes()
     assert PATIENT_NAME.encode() in data  # the file does carry a patient
     with open_upload(data, "cine-upload.dcm") as source:
-        assert isinstance(source, DicomSource)
+        assert isinstance(source, DicomFile)
         assert PATIENT_NAME not in repr(source) and source.name == "cine-upload.dcm"
         index, _, frame = next(source.frames())
     assert index == 0 and frame.shape == (660, 821)
@@ -236,7 +234,7 @@ def test_folder_frames_in_natural_order_at_the_given_rate(
 ) -> None:
     frames, _ = real_sweep
     source = open_source(sweep_files["frames"], fps=10)
-    assert isinstance(source, FolderSource) and source.fps == 10
+    assert isinstance(source, FrameFolder) and source.fps == 10
     assert [p.name for p in source.files[:3]] == ["frame1.png", "frame2.png", "frame3.png"]
     assert source.files[9].name == "frame10.png"
     got = list(source.frames(every=5))

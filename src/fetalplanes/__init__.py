@@ -38,7 +38,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "evaluate": ("fetalplanes.engine.evaluate", "evaluate"),
     "Predictor": ("fetalplanes.inference.predictor", "Predictor"),
     "Prediction": ("fetalplanes.inference.results", "Prediction"),
-    "sort_images": ("fetalplanes.inference.sorting", "sort_images"),
+    "sort_images": ("fetalplanes.workflows.sorting", "sort_images"),
     "export": ("fetalplanes.tools.export", "export_onnx"),
 }
 
@@ -51,9 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from fetalplanes.engine.train import TrainConfig, Trainer, train
     from fetalplanes.inference.predictor import Predictor
     from fetalplanes.inference.results import Prediction
-    from fetalplanes.inference.sorting import sort_images
     from fetalplanes.models.registry import create_model, list_models
     from fetalplanes.tools.export import export_onnx as export
+    from fetalplanes.workflows.sorting import sort_images
 
 
 def __getattr__(name: str) -> Any:

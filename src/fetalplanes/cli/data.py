@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fetalplanes.cli.common import LabelsOpt, PresetOpt
+from fetalplanes.cli.options import LabelsOpt, PresetOpt
 
 
 class SynthFormat(str, Enum):

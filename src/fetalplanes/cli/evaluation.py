@@ -7,23 +7,24 @@ from typing import Annotated
 
 import typer
 
-from fetalplanes.cli.common import (
-    BackendArg,
+from fetalplanes.cli.common import Split_, fail
+from fetalplanes.cli.options import (
+    MODEL_HELP,
+    BackendChoice,
     BackendOpt,
     EnsembleOpt,
     LabelsOpt,
-    Split_,
-    build_predictor,
+    TtaOpt,
+    load_model,
+    model_spec,
 )
 
 
 def evaluate(
     run: Annotated[
         Path,
-        typer.Argument(
-            help="Model: a run folder from `train`, an .onnx file or a pretrained name "
-            "(sononet16; then DATA is required)."
-        ),
+        typer.Argument(help=f"{MODEL_HELP} A run is evaluated on its own test patients "
+                            "unless DATA is given; other models need DATA."),
     ],
     data: Annotated[
         Path | None,
@@ -46,8 +47,8 @@ def evaluate(
             "among the model's).",
         ),
     ] = None,
-    backend: BackendArg = BackendOpt.auto,
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    backend: BackendOpt = BackendChoice.auto,
+    tta: TtaOpt = False,
     ensemble: EnsembleOpt = None,
     ood: Annotated[
         Path | None,
@@ -63,13 +64,19 @@ def evaluate(
     from fetalplanes.engine.evaluate import evaluate as evaluate_fn
     from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE
 
+    if data is not None and data.is_dir():
+        from fetalplanes.data.images import list_images
+
+        if not list_images([data], errors=[]):
+            fail(f"{data}: no images to evaluate in this folder", 1)
     predictor = None
     if ensemble:
-        predictor = build_predictor(run, None, None, "seed4", backend.value, tta, 0.0, ensemble)
+        spec = model_spec(str(run), None, "seed4", backend, tta, ensemble, 0.0)
+        predictor = load_model(spec)
         out = out or run / f"eval-ensemble-{split.value}"
     elif not run.is_dir():  # a pretrained name or an .onnx file
-        predictor = build_predictor(run, None, None, preset or "seed4", backend.value, tta,
-                                    DEFAULT_MIN_CONFIDENCE)
+        predictor = load_model(model_spec(str(run), None, preset or "seed4", backend, tta,
+                                          min_confidence=DEFAULT_MIN_CONFIDENCE))
     evaluate_fn(
         run,
         data,

@@ -26,8 +26,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are shown as written: `pip install 'x[ray]'` keeps [ray]
 )
-data_app = typer.Typer(help="Inspect labelled data sets.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect labelled data sets.", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 

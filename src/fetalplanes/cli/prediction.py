@@ -6,123 +6,94 @@ import csv
 import json
 import sys
 from collections.abc import Iterable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
-from fetalplanes.cli.common import (
-    BackendArg,
+from fetalplanes.cli.common import fail, printable, warn_notes
+from fetalplanes.cli.options import (
+    MODEL_HELP,
+    AddressOpt,
+    BackendChoice,
     BackendOpt,
+    BatchSizeOpt,
+    Engine,
+    EngineOpt,
     EnsembleOpt,
     Fmt,
+    FormatOpt,
+    MinConfidenceOpt,
     ModelOpt,
     PresetOpt,
+    QuietOpt,
+    TtaOpt,
     WeightsOpt,
-    build_predictor,
-    fail,
+    WorkersOpt,
+    load_model,
+    model_spec,
+    split_model,
 )
+from fetalplanes.inference.model_spec import ModelSpec
 from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE as DEFAULT_MIN_CONF
 from fetalplanes.inference.results import Prediction, columns
 
 
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-EngineOpt = Annotated[
-    Engine,
-    typer.Option(
-        "--engine",
-        help="local (this machine) or ray (a Ray cluster: decode tasks and model actors on "
-        "every node; pip install 'fetalplanes[ray]'; docs/scale.md).",
-    ),
-]
-AddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--address",
-        help="Ray cluster for --engine ray: auto (the cluster this machine joined) or "
-        "HOST:6379 (`ray start --head`); default a private local Ray instance.",
-    ),
-]
-
-
-def on_engine(
-    pred: Any,
-    engine: Engine,
-    address: str | None,
-    spec: str | Path | None,
-    weights: Path | None,
-    preset: str,
-    backend: str,
-    tta: bool,
-    ensemble: str | None,
-    ordered: bool,
-) -> Any:
+def on_engine(pred: Any, engine: Engine, address: str | None, spec: ModelSpec,
+              ordered: bool) -> Any:
     """The predictor itself (local), or the same model spread over a Ray cluster."""
     if engine is Engine.local:
         if address:
             fail("--address needs --engine ray")
         return pred
-    from fetalplanes.inference.ray_engine import ModelRecipe, RayPredictor, ray_module
+    from fetalplanes.inference.ray_engine import RayPredictor, check_address, ray_module
 
     ray_module()  # not installed: one line now, before any output
-
-    def where(p: str | Path) -> str:  # actors on other nodes do not share our cwd
-        return str(Path(p).resolve()) if Path(p).exists() else str(p)
-
-    extra = tuple(where(p.strip()) for p in (ensemble or "").split(",") if p.strip())
-    recipe = ModelRecipe(where(str(spec)), where(weights) if weights else None, preset,
-                         backend, tta, extra)
-    return RayPredictor(pred, recipe, address=address, ordered=ordered)
+    if address:
+        check_address(address)
+    return RayPredictor(pred, spec, address=address, ordered=ordered)
 
 
 def predict(
     args: Annotated[
         list[str],
-        typer.Argument(
-            help="MODEL then images/folders. MODEL: a run folder, an .onnx file or a "
-            "pretrained name (sononet16, bundled). With --model, only images/folders."
-        ),
+        typer.Argument(help="MODEL then images, DICOM files, videos or folders (every frame "
+                            f"of a cine or video is an item). {MODEL_HELP} With --model, "
+                            "only the inputs."),
     ],
-    fmt: Annotated[Fmt, typer.Option("--format", help="table, json or csv.")] = Fmt.table,
+    fmt: FormatOpt = Fmt.table,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: BackendArg = BackendOpt.auto,
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    backend: BackendOpt = BackendChoice.auto,
+    tta: TtaOpt = False,
     ensemble: EnsembleOpt = None,
-    min_confidence: Annotated[
-        float, typer.Option("--min-confidence", help="Flag predictions below this as uncertain.")
-    ] = DEFAULT_MIN_CONF,
+    min_confidence: MinConfidenceOpt = DEFAULT_MIN_CONF,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
     engine: EngineOpt = Engine.local,
     address: AddressOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Plane and every class probability for each image (class names from the checkpoint)."""
-    from fetalplanes.data.loading import list_items
+    from fetalplanes.data.sources import collect, count_items, iter_items
 
-    run = None if model else Path(args[0])
-    inputs = [Path(a) for a in (args if model else args[1:])]
-    if not inputs:
-        fail("no images given: fetalplanes predict MODEL IMAGE_OR_DIR ...")
-    pred = build_predictor(
-        run, model, weights, preset, backend.value, tta, min_confidence, ensemble
-    )
-    files = list_items(inputs)
-    if not files:
-        fail(f"no image files found in {', '.join(map(str, inputs))}")
-    pred = on_engine(pred, engine, address, model or run, weights, preset, backend.value, tta,
-                     ensemble, ordered=True)
-    stream = pred.predict_paths(files, progress=not quiet and len(files) > 1)
+    first, inputs = split_model(args, model, None, "fetalplanes predict MODEL INPUT...")
+    spec = model_spec(first, weights, preset, backend, tta, ensemble, min_confidence)
+    pred = load_model(spec)
+    sources = collect([Path(a) for a in inputs])
+    if not sources:
+        fail(f"no images, DICOM files or videos found in {', '.join(inputs)}", 1)
+    pred = on_engine(pred, engine, address, spec, ordered=True)
+    expected = count_items(sources)
+    stream = pred.predict_items(iter_items(sources), batch_size=batch_size, workers=workers,
+                                expected=expected, progress=not quiet and expected != 1)
     results = emit(stream, fmt, pred.output_classes)
     bad = [r for r in results if not r.ok]
     for r in bad:
-        typer.secho(f"skipped: {r.error}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"skipped: {printable(r.error or '')}", fg=typer.colors.YELLOW, err=True)
+    warn_notes(results)
     if bad and len(bad) == len(results):
         raise typer.Exit(1)
 
@@ -163,7 +134,7 @@ def _table(results: list[Any], classes: list[str]) -> None:
         label = r.label + (f" ({r.model_label})" if r.model_label else "")
         label += " (uncertain)" if r.uncertain else ""
         t.add_row(
-            Text(Path(r.path).name),
+            Text(printable(Path(r.path).name)),
             label,
             f"{r.confidence:.3f}",
             *(f"{r.probs.get(c, 0):.3f}" for c in classes),
@@ -173,39 +144,32 @@ def _table(results: list[Any], classes: list[str]) -> None:
 
 def sort_cmd(
     args: Annotated[
-        list[str], typer.Argument(help="RUN INPUT_DIR OUT_DIR (with --model: INPUT_DIR OUT_DIR).")
+        list[str], typer.Argument(help=f"MODEL INPUT_DIR OUT_DIR (with --model: INPUT_DIR "
+                                       f"OUT_DIR). {MODEL_HELP}")
     ],
-    min_confidence: Annotated[
-        float, typer.Option("--min-confidence", help="Below this, copy to OUT_DIR/uncertain/.")
-    ] = DEFAULT_MIN_CONF,
+    min_confidence: MinConfidenceOpt = DEFAULT_MIN_CONF,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: BackendArg = BackendOpt.auto,
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation.")] = False,
+    backend: BackendOpt = BackendChoice.auto,
+    tta: TtaOpt = False,
     ensemble: EnsembleOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
     engine: EngineOpt = Engine.local,
     address: AddressOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Copy images into OUT_DIR/<predicted plane>/ (inputs never modified; resumable)."""
-    from fetalplanes.inference.sorting import sort_images
+    """Copy images into OUT_DIR/<predicted plane>/ (inputs never modified; resumable); every
+    frame of a DICOM cine or video is written as a lossless PNG."""
+    from fetalplanes.workflows.sorting import sort_images
 
-    need = 2 if model else 3
-    if len(args) != need:
-        fail(
-            "usage: fetalplanes sort RUN INPUT_DIR OUT_DIR (or --model M --weights W "
-            "INPUT_DIR OUT_DIR)"
-        )
-    run = None if model else Path(args[0])
-    inp, out = Path(args[-2]), Path(args[-1])
-    pred = build_predictor(
-        run, model, weights, preset, backend.value, tta, min_confidence, ensemble
-    )
-    pred = on_engine(pred, engine, address, model or run, weights, preset, backend.value, tta,
-                     ensemble, ordered=False)  # the journal needs no order
-    s = sort_images(pred, inp, out, min_confidence, batch_size=batch_size, progress=not quiet)
+    first, rest = split_model(args, model, 2, "fetalplanes sort MODEL INPUT_DIR OUT_DIR")
+    inp, out = Path(rest[0]), Path(rest[1])
+    spec = model_spec(first, weights, preset, backend, tta, ensemble, min_confidence)
+    pred = on_engine(load_model(spec), engine, address, spec, ordered=False)  # journal: any order
+    s = sort_images(pred, inp, out, min_confidence, batch_size=batch_size, workers=workers,
+                    progress=not quiet, model=spec.describe())
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(s.counts.items())) or "nothing new"
     typer.echo(
         f"sorted {s.copied} images into {out} ({counts}); "
@@ -217,7 +181,8 @@ def sort_cmd(
 
 
 def explain(
-    args: Annotated[list[str], typer.Argument(help="RUN IMAGE (with --model: IMAGE only).")],
+    args: Annotated[list[str], typer.Argument(help=f"MODEL IMAGE (with --model: IMAGE only). "
+                                                   f"{MODEL_HELP}")],
     out: Annotated[
         Path | None, typer.Option(help="Overlay PNG to write (default IMAGE_STEM-gradcam.png).")
     ] = None,
@@ -225,21 +190,16 @@ def explain(
         str | None,
         typer.Option(help="Class to explain (name or index); default the predicted one."),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Zero-shot with published weights (sononet16/32/64).")
-    ] = None,
-    weights: Annotated[Path | None, typer.Option(help="Weights file for --model.")] = None,
-    preset: Annotated[str, typer.Option(help="Label preset for --model.")] = "seed4",
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    preset: PresetOpt = "seed4",
 ) -> None:
     """Grad-CAM heatmap over the image the network sees: where it looked for its answer."""
     from fetalplanes.inference.explain import explain_file
 
-    need = 1 if model else 2
-    if len(args) != need:
-        fail("usage: fetalplanes explain MODEL IMAGE (MODEL: a run folder or sononet16)")
-    image = Path(args[-1])
-    run = None if model else Path(args[0])
-    predictor = build_predictor(run, model, weights, preset, "torch", False, DEFAULT_MIN_CONF)
+    first, rest = split_model(args, model, 1, "fetalplanes explain MODEL IMAGE")
+    image = Path(rest[0])
+    predictor = load_model(model_spec(first, weights, preset, BackendChoice.torch))
     dest = out or Path(f"{image.stem}-gradcam.png")
     made = explain_file(predictor, image, dest, target)
     pred = made.prediction

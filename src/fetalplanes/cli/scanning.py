@@ -7,37 +7,52 @@ from typing import Annotated
 
 import typer
 
-from fetalplanes.cli.common import (
-    BackendArg,
+from fetalplanes.cli.common import fail, warn_notes
+from fetalplanes.cli.options import (
+    MODEL_HELP,
+    BackendChoice,
     BackendOpt,
+    BatchSizeOpt,
+    EveryOpt,
+    FpsOpt,
+    MinConfidenceOpt,
     ModelOpt,
     PresetOpt,
     QuietOpt,
     WeightsOpt,
-    build_predictor,
-    fail,
+    WorkersOpt,
+    load_model,
+    model_spec,
+    out_option,
+    split_model,
 )
-from fetalplanes.data.video import open_source
+from fetalplanes.data.sources import mark_output, open_source
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.inference import timeline
 from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE as DEFAULT_MIN_CONF
-from fetalplanes.inference.timeline import DEFAULT_BATCH, DEFAULT_WINDOW
+from fetalplanes.workflows import scan as timeline
+from fetalplanes.workflows.scan import DEFAULT_BATCH, DEFAULT_WINDOW
 
-#: Default OUT is SCANS_DIR/<input stem>, then -1, -2, ... : never an existing folder.
-SCANS_DIR = Path("scans")
+#: Default OUT is SCANS_DIR/<input stem>, then -1, -2, ... : never an existing folder, and
+#: never beside the input (where a later `predict` of that folder would take it for scans).
+SCANS_DIR = Path("runs") / "scan"
 
 
-def _check_out(out: Path) -> None:
-    """An explicit --out may be new or an empty folder: a scan never overwrites."""
+def _check_out(out: Path, source: Path) -> None:
+    """An explicit --out may be new or an empty folder (a scan never overwrites), and never
+    inside the folder being scanned."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"{out}: already exists and is not an empty folder; scan never overwrites, "
              "choose another --out")
+    if source.is_dir() and source.resolve() in out.resolve().parents:
+        fail(f"{out}: inside the folder being scanned; choose an --out outside {source}")
 
 
 def _make_out(out: Path | None, source: Path) -> Path:
-    """Create the output folder: --out, or scans/<input stem>[-N] that does not exist yet."""
+    """Create the output folder: --out, or runs/scan/<input stem>[-N] that does not exist
+    yet; marked as fetalplanes output (input listings skip it)."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "scan")
         return out
     stem = source.resolve().stem or "scan"
     SCANS_DIR.mkdir(parents=True, exist_ok=True)
@@ -45,59 +60,49 @@ def _make_out(out: Path | None, source: Path) -> Path:
         candidate = SCANS_DIR / (stem if n == 0 else f"{stem}-{n}")
         try:
             candidate.mkdir()
-            return candidate
         except FileExistsError:
             continue
+        mark_output(candidate, "scan")
+        return candidate
     raise FetalPlanesError(f"{SCANS_DIR}: too many scans named {stem}; give --out")
 
 
 def scan(
     args: Annotated[
         list[str],
-        typer.Argument(help="MODEL INPUT (MODEL: a run folder, an .onnx file or a pretrained "
-                            "name such as sononet16); with --model, INPUT only. INPUT: a video "
-                            "(MP4, AVI, MOV), a DICOM cine, or a folder of frames."),
+        typer.Argument(help="MODEL INPUT; with --model, INPUT only. INPUT: a video (MP4, AVI, "
+                            f"MOV, MKV ...), a DICOM cine, or a folder of frames. {MODEL_HELP}"),
     ],
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Output folder (default scans/<input stem>, -1, -2... if taken)."),
-    ] = None,
-    every: Annotated[int, typer.Option(help="Classify every K-th frame (1: all).")] = 1,
+    out: Annotated[Path | None, out_option("runs/scan/<input stem>, -1, -2 ... if taken")] = None,
+    every: EveryOpt = 1,
     window: Annotated[
-        int, typer.Option(help="Frames in the centred smoothing window (odd; 1: none).")
+        int, typer.Option(min=1, help="Frames in the centred smoothing window (odd; 1: none).")
     ] = DEFAULT_WINDOW,
-    fps: Annotated[
-        float | None,
-        typer.Option(help="Frame rate of a folder of frames (default 25), or of a file that "
-                          "declares none."),
-    ] = None,
+    fps: FpsOpt = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
-    backend: BackendArg = BackendOpt.auto,
-    min_confidence: Annotated[
-        float, typer.Option("--min-confidence", help="Below this (smoothed), a frame is uncertain.")
-    ] = DEFAULT_MIN_CONF,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per model call.")] = (
-        DEFAULT_BATCH
-    ),
+    backend: BackendOpt = BackendChoice.auto,
+    min_confidence: MinConfidenceOpt = DEFAULT_MIN_CONF,
+    batch_size: BatchSizeOpt = DEFAULT_BATCH,
+    workers: WorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the standard planes in a sweep: timeline.csv, timeline.png, best/<plane>.png."""
-    need = 1 if model else 2
-    if len(args) != need:
-        fail("usage: fetalplanes scan MODEL INPUT (or --model M [--weights W] INPUT)")
-    run = None if model else Path(args[0])
-    source_path = Path(args[-1])
+    first, rest = split_model(args, model, 1, "fetalplanes scan MODEL INPUT")
+    source_path = Path(rest[0])
     timeline.check_options(every, window, batch_size)
     if out is not None:
-        _check_out(out)
+        _check_out(out, source_path)
     source = open_source(source_path, fps)  # fails fast on an unreadable input
-    pred = build_predictor(run, model, weights, preset, backend.value, False, min_confidence)
+    pred = load_model(model_spec(first, weights, preset, backend, min_confidence=min_confidence))
     result = timeline.scan(pred, source, every=every, window=window, batch_size=batch_size,
-                         progress=not quiet)
+                           progress=not quiet, workers=workers)
     folder = _make_out(out, source_path)
     timeline.write_scan(result, folder)
+    for message in result.skipped:
+        typer.secho(f"skipped: {message}", fg=typer.colors.YELLOW, err=True)
+    warn_notes(r.prediction for r in result.rows)
     for line in result.summary_lines():
         typer.echo(line)
     if result.found:

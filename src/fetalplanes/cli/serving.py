@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fetalplanes.cli.common import (
-    BackendArg,
+from fetalplanes.cli.common import fail
+from fetalplanes.cli.options import (
+    MODEL_HELP,
+    BackendChoice,
     BackendOpt,
+    MinConfidenceOpt,
     ModelOpt,
     PresetOpt,
     WeightsOpt,
-    build_predictor,
-    fail,
+    load_model,
+    model_spec,
 )
 
 
 def serve(
     run: Annotated[
-        Path | None, typer.Argument(help="Run folder from `train` (omit with --model).")
+        str | None, typer.Argument(help="The model (omit with --model). " + MODEL_HELP)
     ] = None,
     host: Annotated[
         str, typer.Option(help="Address to bind; anything but loopback prints a warning.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    backend: BackendArg = BackendOpt.auto,
+    backend: BackendOpt = BackendChoice.auto,
     max_file_mb: Annotated[
         float, typer.Option("--max-file-mb", min=0.001, help="Largest accepted file (MiB).")
     ] = 20,
@@ -44,10 +46,7 @@ def serve(
         int,
         typer.Option("--max-batch", min=1, help="Images gathered into one model call."),
     ] = 8,
-    min_confidence: Annotated[
-        float,
-        typer.Option("--min-confidence", help="Flag predictions below this as uncertain."),
-    ] = 0.5,
+    min_confidence: MinConfidenceOpt = 0.5,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
@@ -68,9 +67,10 @@ def serve(
 ) -> None:
     """Web page and HTTP API for classifying uploaded images (loopback by default)."""
     from fetalplanes.serving import ServeSettings, create_app, exposure_warning, run_server
+    from fetalplanes.serving.server import bind
 
     if (run is None) == (model is None):
-        fail("give either a RUN folder or --model NAME --weights PATH (not both)")
+        fail("give the model either as the first argument or with --model (not both)")
     settings = ServeSettings.from_mb(
         max_file_mb,
         max_request_mb,
@@ -81,16 +81,17 @@ def serve(
         access_log=access_log,
         allowed_hosts=tuple(allow_host or ()),
     )
+    sock = bind(settings)  # a busy port is one line now, before the model is loaded
     try:
-        predictor = build_predictor(
-            run, model, weights, preset, backend.value, False, min_confidence
-        )
-    except ModuleNotFoundError as exc:  # e.g. --backend onnx without onnxruntime
-        hint = " (pip install 'fetalplanes[onnx]')" if backend.value.startswith("onnx") else ""
-        fail(f"cannot load the model: module {exc.name} is missing{hint}")
+        predictor = load_model(model_spec(str(run or model), weights, preset, backend,
+                                          min_confidence=min_confidence))
+    except BaseException:
+        sock.close()
+        raise
     warning = exposure_warning(host)
     if warning:
         typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     shown = f"[{host}]" if ":" in host else host  # IPv6 literal in a URL
-    typer.echo(f"fetalplanes: serving {predictor.card.architecture} on http://{shown}:{port}/")
-    run_server(create_app(predictor, settings), settings)
+    typer.echo(f"fetalplanes: serving {predictor.card.architecture} on "
+               f"http://{shown}:{sock.getsockname()[1]}/")
+    run_server(create_app(predictor, settings), settings, sock)

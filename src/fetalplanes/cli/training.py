@@ -1,4 +1,4 @@
-"""Training commands: train (optionally K folds), crossval and tune."""
+"""Training commands: train, crossval (K folds by patient) and tune."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-from fetalplanes.cli.common import LabelsOpt, PresetOpt, QuietOpt, fail
+from fetalplanes.cli.common import fail
+from fetalplanes.cli.options import ArchAliasOpt, LabelsOpt, QuietOpt, arch_of
 from fetalplanes.errors import FetalPlanesError
+
+PresetOpt = Annotated[str, typer.Option("--preset", help="Label preset: seed4, fpdb6 or brain3.")]
 
 
 def _one_voice(fn: Any) -> Any:
@@ -51,11 +54,13 @@ def train(
             "else seed4).",
         ),
     ] = None,
-    model: Annotated[
+    arch: Annotated[
         str | None,
-        typer.Option(help="Architecture (see `fetalplanes models`). Default efficientnet_lite0."),
+        typer.Option("--arch", help="Architecture (see `fetalplanes models`; any timm name). "
+                                    "Default efficientnet_lite0."),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (default 10).")] = None,
+    model: ArchAliasOpt = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (default 10).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/train/MODEL[-N]).")
@@ -121,14 +126,6 @@ def train(
             help="Share of validation images the not-target threshold keeps (default 0.95).",
         ),
     ] = None,
-    folds: Annotated[
-        int | None,
-        typer.Option(
-            "--folds",
-            help="K-fold cross-validation by patient: OUT/fold-1..K and OUT/cv_summary.json "
-            "(mean ± sd); the folds then work as one ensemble RUN.",
-        ),
-    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -179,7 +176,7 @@ def train(
         base = TrainConfig.from_dict(values)
     preset = choose_preset(preset, recipe)
     cfg = base.updated(
-        model=model,
+        model=arch_of(arch, model),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -201,14 +198,6 @@ def train(
         log=log,
         sync_bn=sync_bn,
     )
-    if folds is not None:
-        from fetalplanes.engine.crossval import cross_validate
-
-        _single_process("--folds")
-        if folds < 2:
-            fail(f"--folds must be at least 2, got {folds}")
-        cross_validate(data, cfg, folds, out, labels=labels, preset=preset, progress=not quiet)
-        return
     train_fn(data, labels=labels, preset=preset, config=cfg, out=out, progress=not quiet)
 
 
@@ -226,7 +215,9 @@ ConfigOpt = Annotated[
     Path | None, typer.Option(help="JSON training config (e.g. best_config.json); flags override.")
 ]
 DataArg = Annotated[Path, typer.Argument(help="Labelled data folder.")]
-ArchOpt = Annotated[str | None, typer.Option(help="Architecture (default efficientnet_lite0).")]
+ArchOpt = Annotated[
+    str | None, typer.Option("--arch", help="Architecture (default efficientnet_lite0).")
+]
 EpochsOpt = Annotated[int | None, typer.Option(help="Epochs per training run.")]
 SizeOpt = Annotated[int | None, typer.Option("--img-size", help="Square input size override.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed (folds, split, init).")]
@@ -238,7 +229,8 @@ def crossval(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default runs/train/MODEL-cvK).")
     ] = None,
-    model: ArchOpt = None,
+    arch: ArchOpt = None,
+    model: ArchAliasOpt = None,
     epochs: EpochsOpt = None,
     img_size: SizeOpt = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -254,7 +246,8 @@ def crossval(
     _single_process("crossval")
     if folds < 2:
         fail(f"--folds must be at least 2, got {folds}")
-    cfg = _base_config(config, model=model, epochs=epochs, img_size=img_size, lr=lr, seed=seed)
+    cfg = _base_config(config, model=arch_of(arch, model), epochs=epochs, img_size=img_size,
+                       lr=lr, seed=seed)
     res = cross_validate(data, cfg, folds, out, labels=labels, preset=preset, progress=not quiet)
     typer.echo(
         f"{folds}-fold results in {res.out}; the folds form an ensemble: "
@@ -272,11 +265,13 @@ def tune(
     out: Annotated[
         Path | None, typer.Option(help="Study folder (default runs/tune/study).")
     ] = None,
-    models: Annotated[
+    archs: Annotated[
         str | None,
-        typer.Option(
-            help="Comma-separated models to choose among (default efficientnet_lite0,seed-cnn)."
-        ),
+        typer.Option("--archs", help="Comma-separated architectures to choose among (default "
+                                     "efficientnet_lite0,seed-cnn)."),
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option("--models", hidden=True, help="Deprecated: use --archs.")
     ] = None,
     img_size: SizeOpt = None,
     seed: SeedOpt = None,
@@ -292,8 +287,9 @@ def tune(
     _single_process("tune")
     cfg = _base_config(config, epochs=epochs, img_size=img_size, seed=seed)
     space = SearchSpace()
-    if models:
-        names = tuple(m.strip() for m in models.split(",") if m.strip())
+    chosen = arch_of(archs, models)
+    if chosen:
+        names = tuple(m.strip() for m in chosen.split(",") if m.strip())
         _check_models(names)
         space = SearchSpace(models=names)
     res = tune_fn(
@@ -317,6 +313,6 @@ def _check_models(names: tuple[str, ...]) -> None:
     from fetalplanes.models import get_spec
 
     if not names:
-        fail("--models is empty")
+        fail("--archs is empty")
     for name in names:
         get_spec(name)  # one-line error for an unknown name

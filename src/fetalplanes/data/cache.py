@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.data.loading import content_hash, iter_batches
 from fetalplanes.data.preprocess import Preprocess
 
@@ -150,7 +150,8 @@ def _load(
     todo = [i for i, d in enumerate(digests) if cache is None or d not in cache.index]
     got: dict[int, np.ndarray] = {}
     failures: list[tuple[int, str]] = []
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo)
+    bar = progress_bar(total=len(todo), desc=desc, unit="img",
+                       disable=not progress or not todo)
     for batch in iter_batches(paths, pp, batch_size=64, workers=workers, indices=todo):
         failures.extend(batch.failures)
         for i, idx in enumerate(batch.indices):

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.data.datasets import (
     META_KEYS,
     LabelledData,
@@ -107,7 +106,8 @@ def check_dataset(
         return report
     ds = PathDataset([s.path for s in data.samples], Preprocess(size=(8, 8), crop=False))
     groups: dict[str, list[str]] = defaultdict(list)
-    for i in tqdm(range(len(ds)), desc="checking images", unit="img", disable=not progress):
+    for i in progress_bar(range(len(ds)), desc="checking images", unit="img",
+                          disable=not progress):
         item = ds[i]
         if item.error:
             report.unreadable.append(item.error)

@@ -51,9 +51,20 @@ _ERRNO_WORDS = {
 }
 
 
+#: Video containers a folder walk lists beside images (their frames become items).
+VIDEO_EXTENSIONS: frozenset[str] = frozenset(
+    {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".y4m"}
+)
+
+
 def is_image_path(path: Path) -> bool:
     """True for file names that look like images we can read (by extension)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_input_path(path: Path) -> bool:
+    """True for file names a folder walk lists: images, DICOM files and videos."""
+    return is_image_path(path) or path.suffix.lower() in VIDEO_EXTENSIONS
 
 
 # ---------------------------------------------------------------- files
@@ -204,7 +215,7 @@ def _walk(folder: Path, recursive: bool, errors: list[str] | None) -> list[Path]
         names = files + [d for d in dirs if os.path.islink(base / d)]
         for name in names:
             f = base / name
-            if not is_image_path(f):
+            if not is_input_path(f):
                 continue
             problem = _special_entry(f)
             if problem:
@@ -416,7 +427,35 @@ def _sniff_dicom(data: bytes, name: str) -> bool:
     return is_dicom(data[:4096], name)
 
 
-def _open_dicom(data: bytes, name: str) -> Any:
+def looks_like_dicom(head: bytes, name: str) -> bool:
+    """Whether a file's first bytes (or all of them) are DICOM (see `_sniff_dicom`)."""
+    return _sniff_dicom(head, name)
+
+
+def open_dicom_bytes(source: bytes | str | Path, name: str) -> Any:
+    """A DICOM file (bytes, or a path read lazily) opened and validated without decoding
+    pixels; every failure is one ImageError line naming it."""
+    if not isinstance(source, bytes):
+        read_head(source)  # a FIFO or device named .dcm is refused, never opened blocking
+    return _open_dicom(source, name)
+
+
+def guarded_decode(decode: Any, name: str) -> np.ndarray:
+    """Run a pixel decoder with library warnings kept off stderr and any failure turned into
+    one ImageError line naming the item."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return decode()
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"{name}: out of memory decoding the pixels") from None
+    except Exception as exc:
+        raise ImageError(f"{name}: cannot decode the pixels ({_one_line(exc)})") from None
+
+
+def _open_dicom(data: bytes | str | Path, name: str) -> Any:
     """`data.dicom.open_dicom`: header checks (bombs, syntax, pixels) before any decoding."""
     try:
         from fetalplanes.data.dicom import open_dicom

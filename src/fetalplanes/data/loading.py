@@ -1,14 +1,14 @@
-"""Parallel, streaming decode of image files into preprocessed uint8 batches.
+"""The decode stage of the engine: items -> prepared network inputs, in worker processes.
 
-Decoding a PNG costs more than a small network's forward pass, so decoding runs in
-worker processes (a `multiprocessing` pool, no torch needed) overlapped with whatever
-consumes the batches; at most a few batches per worker are in flight, so memory stays
-flat however many files stream through. A bad file never stops a batch: it comes back
-as a failure with its one-line message.
+Decoding a PNG costs more than a small network's forward pass, so decoding (and, for ONNX
+models, the network itself: `WorkerModel`) runs in worker processes (a `multiprocessing`
+pool, no torch needed) overlapped with whatever consumes the batches; at most a few chunks
+per worker are in flight, so memory stays flat however many items stream through. A bad
+item never stops a batch: it comes back as a failure with its one-line message.
 
-Items are files or frames of multi-frame DICOM files (`file.dcm#frame=N`,
-`expand_frames`); a DICOM's declared B-mode region replaces the guessed ultrasound crop
-and its pixel spacing travels with the item (`Batch.meta`).
+Every item goes through `prepare_item`: `sources.load` (the one decoder dispatch) then
+`Preprocess.prepare_frame` (the declared region first, else the guessed crop; resize), in
+the workers and in-process alike, so the executor never changes an answer.
 
 Workers never outlive the process that started them: each one asks Linux to SIGKILL it
 when its parent dies (`PR_SET_PDEATHSIG`) and exits at once if the parent is already
@@ -28,19 +28,19 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from fetalplanes.data.crop import to_gray
-from fetalplanes.data.images import decode_image, list_images, read_image_bytes
-from fetalplanes.data.items import frame_name, parse_frame_name
+from fetalplanes.data.images import list_images, read_image_bytes
+from fetalplanes.data.items import parse_frame_name
 from fetalplanes.data.preprocess import Preprocess
+from fetalplanes.data.sources import Item, load
 from fetalplanes.errors import FetalPlanesError, ImageError
 
 
@@ -50,82 +50,82 @@ def content_hash(data: bytes) -> str:
 
 
 @dataclass
-class Item:
-    index: int
+class Prepared:
+    """One item after decode -> crop -> resize: the network input, or its one-line error."""
+
     array: np.ndarray | None
     error: str | None
-    digest: str
-    meta: dict[str, Any] = field(default_factory=dict)  # frame, pixel_spacing_mm
+    digest: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # pixel_spacing_mm, notes
 
 
-def read_dicom_item(source: bytes | str, name: str, frame: int | None) -> tuple[np.ndarray, dict]:
-    """A DICOM frame as gray uint8, cropped to its declared B-mode region, with metadata.
-
-    `meta["region_cropped"]` tells `Preprocess` not to guess the crop again.
-    """
-    from fetalplanes.data.dicom import open_dicom  # pydicom only for DICOM files
-
-    dcm = open_dicom(source, name)
-    if frame is not None and not 0 <= frame < dcm.n_frames:
-        raise ImageError(f"{name}: frame {frame} out of range (the file has {dcm.n_frames})")
-    img = dcm.frame(frame or 0)
-    gray = to_gray(img) if img.ndim == 3 else img
-    meta: dict[str, Any] = {"frame": frame, "pixel_spacing_mm": dcm.spacing_mm()}
-    region = dcm.bmode_region()
-    if region is not None:
-        gray = gray[region.y0 : region.y1 + 1, region.x0 : region.x1 + 1]
-        meta["region_cropped"] = True
-    return np.ascontiguousarray(gray), meta
+def prepare_item(item: Item, pp: Preprocess, digest: bool = False) -> Prepared:
+    """Decode an item (`sources.load`), apply the one crop rule and resize (`Preprocess.
+    prepare_frame`). Errors become data, not exceptions; `digest` hashes a file's bytes."""
+    key = ""
+    try:
+        if digest and item.path is not None and item.data is None and item.pixels is None:
+            data = read_image_bytes(item.path)  # refuses FIFOs, devices, folders: one line each
+            key = content_hash(data) + ("" if item.frame is None else f"#{item.frame}")
+            item = replace(item, data=data)
+        frame = load(item)
+        meta = {"pixel_spacing_mm": frame.spacing_mm, "notes": frame.notes}
+        return Prepared(pp.prepare_frame(frame), None, key, meta)
+    except ImageError as exc:
+        return Prepared(None, str(exc), key)
+    except MemoryError:
+        return Prepared(None, f"{item.name}: out of memory while decoding", key)
 
 
 def read_item(name: str) -> tuple[np.ndarray, dict[str, Any], str]:
-    """(gray image, metadata, content digest) of a file or a `file.dcm#frame=N` item."""
+    """(grey image cut to its declared region, metadata, content digest) of a file or a
+    `file.dcm#frame=N` item; `meta["region_cropped"]` says the region was applied."""
     path, frame = parse_frame_name(str(name))
-    data = read_image_bytes(path)  # refuses FIFOs, devices, folders: one line each
+    data = read_image_bytes(path)
     digest = content_hash(data) + ("" if frame is None else f"#{frame}")
-    if frame is not None or _maybe_dicom(data, path):
-        from fetalplanes.data.dicom import is_dicom
-
-        if frame is not None or is_dicom(data[:132], path):
-            gray, meta = read_dicom_item(data, str(name), frame)
-            return gray, meta, digest
-    return decode_image(data, str(name)), {}, digest
+    loaded = load(Item(str(name), frame, path=path, data=data))
+    meta: dict[str, Any] = {"frame": frame, "pixel_spacing_mm": loaded.spacing_mm}
+    if loaded.region is not None:
+        meta["region_cropped"] = True
+    return np.ascontiguousarray(loaded.cropped()), meta, digest
 
 
-def _maybe_dicom(data: bytes, path: str) -> bool:
-    return data[128:132] == b"DICM" or path.lower().endswith((".dcm", ".dicom"))
-
-
-def expand_frames(paths: Sequence[str | Path]) -> list[str]:
-    """Files as items, each frame of a multi-frame DICOM as its own `file.dcm#frame=N` item.
-
-    Only the header is read here; a file that cannot be opened stays one item, so its
-    one-line error is reported where it is decoded.
-    """
-    items: list[str] = []
+def path_items(paths: Sequence[str | Path]) -> list[Item]:
+    """Items of files and `file.dcm#frame=N` names (the form item names take in journals)."""
+    items = []
     for p in paths:
-        name = str(p)
-        if Path(name).suffix.lower() not in (".dcm", ".dicom") or "#frame=" in name:
-            items.append(name)
-            continue
-        from fetalplanes.data.dicom import open_dicom
-
-        try:
-            n = open_dicom(Path(name), name).n_frames
-        except (FetalPlanesError, OSError):
-            n = 1
-        items.extend([name] if n <= 1 else [frame_name(name, i) for i in range(n)])
+        path, frame = parse_frame_name(str(p))
+        items.append(Item(str(p), frame, path=path))
     return items
 
 
+def expand_frames(paths: Sequence[str | Path]) -> list[str]:
+    """Files as item names, each frame of a multi-frame DICOM as its own `file.dcm#frame=N`
+    (videos stay one name: their frames come from `sources.VideoFile`)."""
+    from fetalplanes.data.sources import DicomFile, file_source
+
+    names: list[str] = []
+    for p in paths:
+        name = str(p)
+        if "#frame=" in name or Path(name).suffix.lower() not in (".dcm", ".dicom"):
+            names.append(name)
+            continue
+        source = file_source(name)
+        if isinstance(source, DicomFile):
+            names.extend(it.name for it in source.items())
+        else:
+            names.append(name)
+    return names
+
+
 def list_items(inputs: Sequence[str | Path]) -> list[str]:
-    """Files and folders (recursively) -> items: image files, and every frame of a
+    """Files and folders (recursively) -> item names: image files, and every frame of a
     multi-frame DICOM as its own item."""
     return expand_frames(list_images([Path(p) for p in inputs]))
 
 
 class PathDataset:
-    """Reads, hashes and prepares one item per index; errors become data, not exceptions."""
+    """Reads, hashes and prepares one file item per index; errors become data."""
 
     def __init__(self, paths: Sequence[Path], pp: Preprocess, indices: Sequence[int] | None = None):
         self.paths = list(paths)
@@ -135,26 +135,37 @@ class PathDataset:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Item:
+    def __getitem__(self, i: int) -> LoadedItem:
         idx = self.indices[i]
-        try:
-            gray, meta, digest = read_item(str(self.paths[idx]))
-            pp = self.pp.with_(crop=False) if meta.pop("region_cropped", False) else self.pp
-            return Item(idx, pp.prepare_array(gray), None, digest, meta)
-        except ImageError as exc:
-            return Item(idx, None, str(exc), "")
+        item = path_items([self.paths[idx]])[0]
+        done = prepare_item(item, self.pp, digest=True)
+        return LoadedItem(idx, done.array, done.error, done.digest, done.meta)
+
+
+@dataclass
+class LoadedItem:
+    index: int
+    array: np.ndarray | None
+    error: str | None
+    digest: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Batch:
-    """Prepared images of one batch; `indices` index the original path list."""
+    """Prepared images of one chunk; `indices` index the chunk's items (or, from
+    `iter_batches`, the original path list)."""
 
     indices: list[int]
     arrays: np.ndarray  # (n, H, W) uint8, n may be 0
     digests: list[str]
     failures: list[tuple[int, str]]
     outputs: Any = None  # the model's outputs for `arrays`, when the workers ran it
-    meta: list[dict[str, Any]] = field(default_factory=list)  # per index: frame, spacing
+    meta: list[dict[str, Any]] = field(default_factory=list)  # per index: spacing, notes
+
+
+#: item -> a context held while it is decoded (see `prepare_chunk`)
+Hold = Callable[[Item], contextlib.AbstractContextManager[Any]]
 
 
 class WorkerModel(Protocol):
@@ -182,19 +193,33 @@ def _worker_outputs(model: WorkerModel, arrays: np.ndarray) -> Any:
     return _built[key](arrays)
 
 
-def _collate(items: list[Item], model: WorkerModel | None = None) -> Batch:
-    ok = [it for it in items if it.array is not None]
-    arrays = np.stack([it.array for it in ok]) if ok else np.zeros((0, 0, 0), dtype=np.uint8)
+def _collate(done: list[Prepared], model: WorkerModel | None = None) -> Batch:
+    ok = [i for i, d in enumerate(done) if d.array is not None]
+    arrays = (np.stack([done[i].array for i in ok]) if ok  # type: ignore[misc]
+              else np.zeros((0, 0, 0), dtype=np.uint8))
     batch = Batch(
-        [it.index for it in ok],
+        ok,
         arrays,
-        [it.digest for it in ok],
-        [(it.index, it.error or "unknown error") for it in items if it.array is None],
-        meta=[it.meta for it in ok],
+        [done[i].digest for i in ok],
+        [(i, d.error or "unknown error") for i, d in enumerate(done) if d.array is None],
+        meta=[done[i].meta for i in ok],
     )
     if model is not None and ok:
         batch.outputs = _worker_outputs(model, arrays)
     return batch
+
+
+def prepare_chunk(items: Sequence[Item], pp: Preprocess, model: WorkerModel | None = None,
+                  digest: bool = False, hold: Hold | None = None) -> Batch:
+    """Decode and prepare a chunk of items (and run `model` on them): one worker task.
+    `hold(item)` is entered around each item's decoding (a server's memory budget)."""
+    if hold is None:
+        return _collate([prepare_item(it, pp, digest) for it in items], model)
+    done = []
+    for it in items:
+        with hold(it):
+            done.append(prepare_item(it, pp, digest))
+    return _collate(done, model)
 
 
 def default_workers(n_items: int) -> int:
@@ -274,30 +299,80 @@ def sigterm_interrupts() -> Iterator[None]:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-#: The worker's copy of what it reads: set once per worker by `_init_worker`.
+#: The worker's copy of what it needs: set once per worker by `_init_worker`.
 _WORK: dict[str, Any] = {}
 
 
-def _init_worker(ds: PathDataset, model: WorkerModel | None, parent_pid: int | None,
-                 by_main: bool) -> None:
+def _init_worker(pp: Preprocess, model: WorkerModel | None, digest: bool,
+                 parent_pid: int | None, by_main: bool) -> None:
     _die_with_parent(parent_pid, by_main, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not ours
-    _WORK.update(ds=ds, model=model)
+    _WORK.update(pp=pp, model=model, digest=digest)
 
 
-def _load_chunk(ds: PathDataset, positions: range, model: WorkerModel | None) -> Batch:
-    return _collate([ds[i] for i in positions], model=model)
-
-
-def _work(positions: range) -> Batch:
-    return _load_chunk(_WORK["ds"], positions, _WORK["model"])
+def _work(items: list[Item]) -> Batch:
+    return prepare_chunk(items, _WORK["pp"], _WORK["model"], _WORK["digest"])
 
 
 def _pool_context() -> Any:
-    """fork where there is one: the dataset and model recipe are inherited, not pickled."""
+    """fork where there is one: the preprocessing and model recipe are inherited."""
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else methods[0])
+
+
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def iter_prepared(
+    items: Iterable[Item],
+    pp: Preprocess,
+    batch_size: int = 32,
+    workers: int = 0,
+    model: WorkerModel | None = None,
+    digest: bool = False,
+    hold: Hold | None = None,
+) -> Iterator[tuple[list[Item], Batch]]:
+    """(chunk of items, its prepared batch) in input order, decoding in `workers` processes
+    (0: here). Items are taken lazily (a video decodes while earlier frames are prepared);
+    at most `4 x workers` chunks are in flight. With `model`, each worker also runs the
+    model on its chunk and fills `Batch.outputs` (see `WorkerModel`)."""
+    chunks = _chunks(items, max(1, batch_size))
+    if workers <= 0 or hold is not None:
+        with sigterm_interrupts():
+            for chunk in chunks:
+                yield chunk, prepare_chunk(chunk, pp, model, digest, hold)
+        return
+    by_main = threading.current_thread() is threading.main_thread()
+    ctx = _pool_context()
+    parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
+    pool = ProcessPoolExecutor(workers, ctx, _init_worker, (pp, model, digest, parent, by_main))
+    try:
+        with sigterm_interrupts():
+            pending: deque[tuple[list[Item], Any]] = deque(
+                (c, pool.submit(_work, c)) for c in _take(chunks, 4 * workers)
+            )
+            while pending:
+                chunk, future = pending.popleft()
+                try:
+                    batch = future.result()
+                except BrokenProcessPool:
+                    raise FetalPlanesError(
+                        "a decode worker process died (out of memory, or killed); "
+                        "run again with --workers 0 to decode in one process"
+                    ) from None
+                pending.extend((c, pool.submit(_work, c)) for c in _take(chunks, 1))
+                yield chunk, batch
+    finally:
+        _stop(pool)
 
 
 def iter_batches(
@@ -308,41 +383,20 @@ def iter_batches(
     indices: Sequence[int] | None = None,
     model: WorkerModel | None = None,
 ) -> Iterator[Batch]:
-    """Yield prepared batches in input order, decoding in `workers` processes.
-
-    With `model`, each worker also runs the model on its batches and fills
-    `Batch.outputs` (see `WorkerModel`). At most `4 x workers` batches are in flight.
-    """
-    ds = PathDataset(paths, pp, indices)
-    n_workers = default_workers(len(ds)) if workers is None else workers
-    chunks = [range(i, min(i + batch_size, len(ds))) for i in range(0, len(ds), batch_size)]
-    if n_workers <= 0 or len(chunks) <= 1:
-        with sigterm_interrupts():
-            for c in chunks:
-                yield _load_chunk(ds, c, model)
-        return
-    by_main = threading.current_thread() is threading.main_thread()
-    ctx = _pool_context()
-    parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
-    pool = ProcessPoolExecutor(
-        min(n_workers, len(chunks)), ctx, _init_worker, (ds, model, parent, by_main)
-    )
-    try:
-        with sigterm_interrupts():
-            todo = iter(chunks)
-            pending = deque(pool.submit(_work, c) for c in _take(todo, 4 * n_workers))
-            while pending:
-                try:
-                    batch = pending.popleft().result()
-                except BrokenProcessPool:
-                    raise FetalPlanesError(
-                        "a decode worker process died (out of memory, or killed); "
-                        "run again with --workers 0 to decode in one process"
-                    ) from None
-                pending.extend(pool.submit(_work, c) for c in _take(todo, 1))
-                yield batch
-    finally:
-        _stop(pool)
+    """Prepared batches of files (with their content digests) in input order; `indices`
+    picks some of `paths`, and the batches' `indices` index `paths` (the cache's reader)."""
+    picked = list(range(len(paths))) if indices is None else list(indices)
+    n_workers = default_workers(len(picked)) if workers is None else workers
+    if -(-len(picked) // max(1, batch_size)) <= 1:
+        n_workers = 0
+    items = path_items([paths[i] for i in picked])
+    done = 0
+    for chunk, batch in iter_prepared(items, pp, batch_size, n_workers, model, digest=True):
+        where = picked[done : done + len(chunk)]
+        batch.indices = [where[i] for i in batch.indices]
+        batch.failures = [(where[i], m) for i, m in batch.failures]
+        done += len(chunk)
+        yield batch
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

@@ -47,12 +47,24 @@ class Preprocess:
         # bump the suffix whenever decoding, cropping or resizing changes pixels
         return f"{self.size[0]}x{self.size[1]}-crop{int(self.crop)}-v2"
 
+    def prepare_frame(self, frame: Any) -> np.ndarray:
+        """The one crop rule, for every way in: a frame's declared ultrasound region when it
+        has one (`sources.Frame`), else the guessed crop (when this preprocessing crops);
+        then the resize. Returns uint8 (H, W)."""
+        if frame.region is not None:
+            return self.resize(frame.cropped())
+        return self.prepare_array(frame.gray)
+
     def prepare_array(self, gray: np.ndarray) -> np.ndarray:
         """Crop (optionally) and resize a decoded grayscale image to uint8 (H, W)."""
         if self.crop:
             from fetalplanes.data.crop import crop_ultrasound
 
             gray = crop_ultrasound(gray)
+        return self.resize(gray)
+
+    def resize(self, gray: np.ndarray) -> np.ndarray:
+        """Resize to the network's input size (area when shrinking), uint8 (H, W)."""
         h, w = self.size
         if gray.shape != (h, w):
             shrinking = gray.shape[0] > h or gray.shape[1] > w

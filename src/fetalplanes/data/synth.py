@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.data.datasets import PLANES  # one list of plane names
 
 SEED4: tuple[str, ...] = PLANES[:4]
@@ -1018,7 +1018,7 @@ def generate(
     height, width = int(size[0]), int(size[1])
     for folder in {_image_path(out, fmt, it).parent for it in items}:
         folder.mkdir(parents=True, exist_ok=True)
-    for it in tqdm(items, desc="synthetic images", unit="img", disable=not progress):
+    for it in progress_bar(items, desc="synthetic images", unit="img", disable=not progress):
         img = _render(
             it.plane,
             _item_rng(seed, it),

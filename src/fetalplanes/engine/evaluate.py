@@ -34,7 +34,7 @@ from fetalplanes.engine.metrics import (
     reliability_bins,
 )
 from fetalplanes.engine.plots import confusion_matrix_plot, reliability_diagram, risk_coverage_plot
-from fetalplanes.errors import FetalPlanesError
+from fetalplanes.errors import FetalPlanesError, NoInputError
 from fetalplanes.inference.calibration import calibrated_probs
 from fetalplanes.inference.outputs import Outputs
 from fetalplanes.inference.predictor import Predictor
@@ -96,7 +96,7 @@ def select_samples(
     patients = Split.from_dict(card.split).of(split)
     samples = data.subset(patients)
     if not samples:
-        raise FetalPlanesError(f"no images of the {split} patients found in {root}")
+        raise NoInputError(f"no images of the {split} patients found in {root}")
     return samples, data, f"{split} split: {len(patients)} held-out patients of {root}", True
 
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from fetalplanes.console import info, plural, report_failures, warn
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.data.cache import default_cache_dir, load_arrays
 from fetalplanes.data.datasets import (
     LabelledData,
@@ -62,6 +62,7 @@ from fetalplanes.models import create_model, get_spec
 from fetalplanes.models.card import atomic_write_text, load_card
 from fetalplanes.models.checkpoint import WEIGHTS, ModelCard, save_checkpoint, unshare
 from fetalplanes.models.devices import pick_device
+from fetalplanes.models.registry import start_weights
 
 
 @dataclass
@@ -330,7 +331,8 @@ def train_epoch(
     loop.model.train()
     total_loss, correct, seen = 0.0, 0, 0
     n_batches = math.ceil(len(order) / batch_size)
-    bar = tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(range(n_batches), desc=desc, unit="batch", disable=not progress,
+                       leave=False, summary=False)
     for b in bar:
         idx = order[b * batch_size : (b + 1) * batch_size]
         if len(idx) < 2 and seen:  # BatchNorm cannot train on one sample
@@ -476,6 +478,7 @@ class Trainer:
 
     def _setup(self, run: Path | None) -> None:
         cfg, data, dist = self.cfg, self.data, self.dist
+        start_weights(cfg.model, cfg.pretrained, cfg.weights)  # before any folder or image
         if run is None and self.main:
             run = resolve_run_dir(self.out, cfg.model)
         if dist is not None:  # rank 0 chose the folder; the others only name it

@@ -205,9 +205,9 @@ def tune(
         f"tuning {trials} trials on {len(split.train)} training / {len(split.val)} validation "
         f"patients of {data.root}; models {', '.join(space.models)}; writing to {out_dir}"
     )
-    from tqdm import tqdm
+    from fetalplanes.console import progress as progress_bar
 
-    with tqdm(total=trials, desc="trials", unit="trial", disable=not progress) as bar:
+    with progress_bar(total=trials, desc="trials", unit="trial", disable=not progress) as bar:
         study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[_report(bar)])
     return _finish(study, out_dir)
 

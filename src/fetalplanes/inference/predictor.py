@@ -9,15 +9,15 @@ from a file to a `Prediction` goes through `predict_paths`, the one streaming pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fetalplanes.data.images import decode_image
-from fetalplanes.data.items import parse_frame_name
-from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.data.sources import Item
+from fetalplanes.errors import FetalPlanesError
 from fetalplanes.inference.calibration import calibrated_probs, is_not_target, ood_score
 from fetalplanes.inference.outputs import Backend, Outputs
 from fetalplanes.inference.results import NOT_TARGET, Prediction, failed
@@ -35,11 +35,53 @@ BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 #: (probabilities over the model's classes) -> (probabilities, names) of a zero-shot model
 Fold = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]
-#: (name, bytes) -> a context held while that upload is decoded (a decode-memory budget)
-Hold = Callable[[str, bytes], contextlib.AbstractContextManager[Any]]
+#: item -> a context held while that item is decoded (a server's decode-memory budget)
+Hold = Callable[[Item], contextlib.AbstractContextManager[Any]]
+
+if TYPE_CHECKING:
+    from fetalplanes.data.loading import Batch
 
 
-class Predictor:
+class Engine:
+    """What every executor of the engine offers on top of its `stream` (this process and
+    the decode-worker pool: `Predictor`; a Ray cluster: `RayPredictor`)."""
+
+    def stream(self, items: Iterable[Item], **kw: Any) -> Iterator[Result]:
+        raise NotImplementedError
+
+    def predict_items(self, items: Iterable[Item], **kw: Any) -> Iterator[Prediction]:
+        """`stream`, predictions only."""
+        for result in self.stream(items, **kw):
+            yield result.prediction
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 64,
+        workers: int | None = None,
+        progress: bool = False,
+        keep_outputs: bool = False,
+        desc: str = "classifying",
+    ) -> Iterator[Prediction]:
+        """Predictions of files and `file.dcm#frame=N` items, in input order (`stream`)."""
+        from fetalplanes.data.loading import path_items
+
+        items = path_items(paths)
+        return self.predict_items(items, batch_size=batch_size, workers=workers,
+                                  expected=len(items), progress=progress,
+                                  keep_outputs=keep_outputs, desc=desc)
+
+    def predict(self, inputs: Sequence[str | Path], **kw: Any) -> list[Prediction]:
+        """Files and folders (recursively; every frame of a DICOM cine or video is an item)
+        -> predictions, list form."""
+        from fetalplanes.data.sources import collect, count_items, iter_items
+
+        sources = collect(inputs)
+        kw.setdefault("expected", count_items(sources))
+        return list(self.predict_items(iter_items(sources), **kw))
+
+
+class Predictor(Engine):
     """Load once, predict many: arrays, bytes, files or whole folders (streaming)."""
 
     def __init__(
@@ -241,89 +283,103 @@ class Predictor:
         return self.fold(np.full((1, len(self.classes)), 1 / len(self.classes)))[1]
 
     def predict_prepared(self, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
-        """Predict already-prepared (N,H,W) uint8 images (lets callers batch only the net)."""
+        """The network and calibration on already-prepared (N,H,W) uint8 images (Grad-CAM
+        and benchmarks use it to time the network alone)."""
         return self.results(list(names), self.outputs(pixels))
 
-    def predict_arrays(
-        self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
-    ) -> list[Prediction]:
-        """Predict decoded grayscale images (any size); preprocessing is applied here."""
-        names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
-        if not images:
-            return []
-        pixels = np.stack([self.pp.prepare_array(im) for im in images])
-        return self.results(names, self.outputs(pixels))
+    # ------------------------------------------------------------ the engine
+    def classify(self, items: Sequence[Item], batch: Batch,
+                 keep_outputs: bool = False) -> list[Prediction]:
+        """Predictions for a prepared chunk of items, in the chunk's order: the network
+        (unless the workers already ran it), calibration, folding, rejection, and what the
+        item knows (name, frame, time, pixel spacing, notes)."""
+        out: list[Prediction] = [failed(it.name, "", it.frame) for it in items]
+        for i, message in batch.failures:
+            out[i].error = message
+        if batch.indices:
+            outs = batch.outputs if batch.outputs is not None else self.outputs(batch.arrays)
+            names = [items[i].name for i in batch.indices]
+            for i, pred, meta in zip(batch.indices, self.results(names, outs, keep_outputs),
+                                     batch.meta, strict=True):
+                item = items[i]
+                pred.frame, pred.time_s = item.frame, item.time_s
+                pred.pixel_spacing_mm = meta.get("pixel_spacing_mm") or item.spacing_mm
+                pred.notes = list(meta.get("notes") or ())
+                out[i] = pred
+        for it, pred in zip(items, out, strict=True):
+            if pred.time_s is None:
+                pred.time_s = it.time_s
+        return out
 
-    def predict_bytes(
-        self, items: Sequence[tuple[str, bytes]], hold: Hold | None = None
-    ) -> list[Prediction]:
-        """Predict uploaded files; undecodable ones come back with `error` set.
-
-        Each file is decoded and prepared on its own, so only one full-size image is in
-        memory at a time; `hold(name, data)` wraps that step (a server's decode budget)."""
-        results: dict[int, Prediction] = {}
-        good: list[tuple[int, str, np.ndarray]] = []
-        for i, (name, data) in enumerate(items):
-            try:
-                with hold(name, data) if hold is not None else contextlib.nullcontext():
-                    good.append((i, name, self.pp.prepare_array(decode_image(data, name))))
-            except ImageError as exc:
-                results[i] = failed(name, str(exc))
-        if good:
-            pixels = np.stack([g[2] for g in good])
-            preds = self.results([g[1] for g in good], self.outputs(pixels))
-            for (i, _, _), p in zip(good, preds, strict=True):
-                results[i] = p
-        return [results[i] for i in range(len(items))]
-
-    def predict_paths(
+    def stream(
         self,
-        paths: Sequence[str | Path],
+        items: Iterable[Item],
+        *,
         batch_size: int = 64,
         workers: int | None = None,
+        expected: int | None = None,
         progress: bool = False,
         keep_outputs: bool = False,
+        hold: Hold | None = None,
         desc: str = "classifying",
-    ) -> Iterator[Prediction]:
-        """Stream predictions in input order; decoding runs in worker processes.
+    ) -> Iterator[Result]:
+        """The one loop from input to result: items -> decode -> crop -> resize -> network
+        -> calibrated `Prediction`, in input order.
 
-        The one path from files to results (predict, sort, evaluate, OOD scoring, the
-        server's file inputs). A backend that offers `worker_model()` (ONNX Runtime)
-        also runs the network in the workers, single-threaded, on chunks of
-        `WORKER_BATCH` images. `keep_outputs` attaches raw outputs for evaluation.
+        Every way in ends here (files, DICOM frames, videos, frame folders, uploads, the
+        DICOM network, live frames); only the executor differs: in this process
+        (`workers=0`, or `hold`: a server's decode budget wrapped around each item) or the
+        decode-worker pool (`workers` processes; `None`: chosen from `expected`). A backend
+        that offers `worker_model()` (ONNX Runtime) also runs the network in the workers,
+        single-threaded, on chunks of `WORKER_BATCH` items. `RayPredictor.stream` is the
+        same loop on a Ray cluster.
         """
-        from tqdm import tqdm
+        from fetalplanes.console import progress as progress_bar
+        from fetalplanes.data.loading import default_workers, iter_prepared
 
-        from fetalplanes.data.loading import default_workers, iter_batches
-
-        paths = [str(p) for p in paths]
-        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.1)
-        n_workers = default_workers(len(paths)) if workers is None else workers
+        n_workers = default_workers(expected or 0) if workers is None else max(0, workers)
+        if hold is not None:
+            n_workers = 0
         recipe = getattr(self.backend, "worker_model", None)
         model = recipe() if recipe is not None and n_workers > 0 else None
         if model is not None:
             batch_size = min(batch_size, WORKER_BATCH)
-        for batch in iter_batches(paths, self.pp, batch_size, n_workers, model=model):
-            ready = {i: failed(paths[i], m, parse_frame_name(paths[i])[1])
-                     for i, m in batch.failures}
-            if batch.indices:
-                outs = batch.outputs if batch.outputs is not None else self.outputs(batch.arrays)
-                preds = self.results([paths[i] for i in batch.indices], outs, keep_outputs)
-                for pred, meta in zip(preds, batch.meta or [{}] * len(preds), strict=True):
-                    pred.frame = meta.get("frame")
-                    pred.pixel_spacing_mm = meta.get("pixel_spacing_mm")
-                ready.update(zip(batch.indices, preds, strict=True))
-            for i in sorted(ready):
-                yield ready[i]
-            bar.update(len(ready))
-        bar.close()
+        bar = progress_bar(total=expected, desc=desc, unit="img", disable=not progress,
+                           smoothing=0.1)
+        try:
+            for chunk, batch in iter_prepared(items, self.pp, batch_size, n_workers, model,
+                                              hold=hold):
+                for item, pred in zip(chunk, self.classify(chunk, batch, keep_outputs),
+                                      strict=True):
+                    yield Result(item, pred)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
 
-    def predict(self, inputs: Sequence[str | Path], **kw: Any) -> list[Prediction]:
-        """Files and folders (recursively; each frame of a cine loop is an item) ->
-        predictions, list form."""
-        from fetalplanes.data.loading import list_items
+    def predict_arrays(
+        self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Predict decoded images (grey or RGB uint8, any size), in this process."""
+        names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
+        items = [Item(n, pixels=im) for n, im in zip(names, images, strict=True)]
+        return list(self.predict_items(items, workers=0))
 
-        return list(self.predict_paths(list_items(inputs), **kw))
+    def predict_bytes(
+        self, items: Sequence[tuple[str, bytes]], hold: Hold | None = None
+    ) -> list[Prediction]:
+        """Predict uploaded files (one item each: the first frame of a DICOM), in this
+        process; undecodable ones come back with `error` set. `hold(item)` wraps each
+        item's decoding (a server's decode budget)."""
+        return list(self.predict_items([Item(n, data=d) for n, d in items], workers=0,
+                                       hold=hold))
+
+@dataclass
+class Result:
+    """One item and its prediction, as the engine yields them (sinks need both: a sort
+    copies the item, a timeline keeps its best frames)."""
+
+    item: Item
+    prediction: Prediction
 
 
 def get_spec_safe(name: str, get_spec: Callable[[str], Any]) -> Any:

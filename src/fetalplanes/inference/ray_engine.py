@@ -1,14 +1,15 @@
 """Prediction and sorting on a Ray cluster: the same results as the local engine, more cores.
 
 Why: one machine sorts a few hundred images a second; an archive of millions wants many
-machines. `RayPredictor` is a drop-in for `Predictor.predict_paths` (the one streaming
-path), so `sort_images` and `predict` use it unchanged: the journal, the atomic copies
-(`sorting.safe_copy`) and resuming stay on the driver, exactly as in a local sort.
+machines. `RayPredictor.stream` is the engine's loop (`Predictor.stream`) with Ray as the
+executor, so `sort_images`, `predict` and every other sink use it unchanged: the journal,
+the atomic copies (`sorting.safe_copy`) and resuming stay on the driver, exactly as in a
+local sort.
 
-The pipeline (Ray Data), per block of file paths:
+The pipeline (Ray Data), per block of items:
 
 1. decode -> crop -> resize as stateless tasks (`map_batches(decode_batch)`), with the
-   same code and error messages as the local decode workers (`data.loading.PathDataset`);
+   same code and error messages as the local decode workers (`data.loading.prepare_item`);
 2. the network in an actor pool (`map_batches(ModelActor, compute=ActorPoolStrategy(...))`):
    each actor loads its own model once (torch or ONNX Runtime; CPU actors, or one GPU per actor for
    torch on a GPU cluster) and returns raw outputs (logits and the model's score);
@@ -25,23 +26,25 @@ only here, inside functions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fetalplanes.data.dicom import parse_frame_name
-from fetalplanes.data.loading import PathDataset
+from fetalplanes.data.loading import Batch, prepare_item
 from fetalplanes.data.preprocess import Preprocess
+from fetalplanes.data.sources import Item
 from fetalplanes.errors import FetalPlanesError
+from fetalplanes.inference.model_spec import ModelSpec
 from fetalplanes.inference.outputs import Outputs
-from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.results import Prediction, failed
+from fetalplanes.inference.predictor import Engine, Predictor, Result
+from fetalplanes.inference.results import Prediction
 
 INSTALL = "pip install 'fetalplanes[ray]'"
 #: Rows per input block: small enough to spread over the cluster and stream results,
@@ -63,27 +66,15 @@ def ray_module() -> Any:
     return ray
 
 
-@dataclass(frozen=True)
-class ModelRecipe:
-    """How each actor loads its own copy of the model (the paths must be readable on every
-    node, like the images): the same grammar as `Predictor.load`."""
+def load_actor_model(spec: ModelSpec, threads: int) -> Predictor:
+    """The model an actor runs, limited to `threads` CPU threads (its share of the node)."""
+    pred = spec.load()
+    _limit_threads(pred, threads)
+    return pred
 
-    model: str
-    weights: str | None = None
-    preset: str = "seed4"
-    backend: str = "torch"
-    tta: bool = False
-    ensemble: tuple[str, ...] = ()
 
-    def load(self, threads: int) -> Predictor:
-        """The model, limited to `threads` CPU threads (its actor's share of the node)."""
-        if self.ensemble:
-            pred = Predictor.from_ensemble([self.model, *self.ensemble], tta=self.tta)
-        else:
-            pred = Predictor.load(self.model, self.weights, self.preset, self.backend,
-                                  tta=self.tta)
-        _limit_threads(pred, threads)
-        return pred
+#: Kept for callers of fetalplanes 0.2: the recipe an actor loads is the model spec itself.
+ModelRecipe = ModelSpec
 
 
 def _limit_threads(pred: Predictor, threads: int) -> None:
@@ -100,31 +91,27 @@ def _limit_threads(pred: Predictor, threads: int) -> None:
 
 # ------------------------------------------------------------------ pipeline stages
 #: Columns that travel from the decode tasks through the actors back to the driver.
-PASSED = ("index", "error", "frame", "spacing")
+PASSED = ("index", "error", "spacing", "notes")
 
 
 def decode_batch(batch: dict[str, np.ndarray], pp: Preprocess) -> dict[str, np.ndarray]:
-    """Task: read and prepare each item (a file or `file.dcm#frame=N`) as the local decode
-    workers do; an unreadable one becomes its one-line error."""
-    names = [str(p) for p in batch["path"]]
-    items = PathDataset(names, pp)  # type: ignore[arg-type]  # item names, as predict_paths
-    n = len(names)
+    """Task: read and prepare each item as the local decode workers do (`prepare_item`);
+    an unreadable one becomes its one-line error."""
+    items = list(batch["item"])
+    n = len(items)
     pixels = np.zeros((n, *pp.size), np.uint8)
-    frame = np.full(n, -1, np.int64)
     spacing = np.full((n, 2), np.nan, np.float64)
-    errors = []
-    for i in range(n):
-        item = items[i]
-        if item.array is not None:
-            pixels[i] = item.array
-        meta = getattr(item, "meta", {}) or {}
-        if meta.get("frame") is not None:
-            frame[i] = int(meta["frame"])
-        if meta.get("pixel_spacing_mm") is not None:
-            spacing[i] = meta["pixel_spacing_mm"]
-        errors.append(item.error or "")
+    errors, notes = [], []
+    for i, item in enumerate(items):
+        done = prepare_item(item, pp)
+        if done.array is not None:
+            pixels[i] = done.array
+        if done.meta.get("pixel_spacing_mm") is not None:
+            spacing[i] = done.meta["pixel_spacing_mm"]
+        errors.append(done.error or "")
+        notes.append("\n".join(done.meta.get("notes") or ()))
     return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object),
-            "frame": frame, "spacing": spacing}
+            "spacing": spacing, "notes": np.array(notes, dtype=object)}
 
 
 def _fault_point(calls: int) -> None:
@@ -139,8 +126,8 @@ def _fault_point(calls: int) -> None:
 class ModelActor:
     """Actor: one model per actor process, loaded once, run on every batch it is given."""
 
-    def __init__(self, recipe: ModelRecipe, threads: int, n_classes: int):
-        self.predictor = recipe.load(threads)
+    def __init__(self, recipe: ModelSpec, threads: int, n_classes: int):
+        self.predictor = load_actor_model(recipe, threads)
         self.n_classes = n_classes
         self.calls = 0
 
@@ -161,7 +148,7 @@ class ModelActor:
         return passed | {"logits": logits, "score": score, "has_score": has_score}
 
 
-def bound_actor(recipe: ModelRecipe, threads: int, n_classes: int) -> type[ModelActor]:
+def bound_actor(recipe: ModelSpec, threads: int, n_classes: int) -> type[ModelActor]:
     """`ModelActor` with its arguments inside the class: Ray ships the class by value, so
     a restarted actor never depends on constructor arguments held in the object store."""
 
@@ -199,26 +186,27 @@ def block_rows(n: int, cpus: float, batch_size: int) -> int:
     return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, batch_size, rows)))
 
 
-class RayPredictor:
-    """`Predictor.predict_paths` on Ray: same arguments, same `Prediction`s (in input order
-    when `ordered`), so `sort_images` and the CLI use it like a local predictor.
+class RayPredictor(Engine):
+    """The engine's loop on Ray: same items in, same `Prediction`s out (in input order when
+    `ordered`), so every sink (predict, sort, scan ...) uses it like a local predictor.
 
-    `predictor` is the driver's copy (class names, calibration, rejection); `recipe`
-    tells each actor how to load its own. `address` is a Ray cluster (`auto`, or
-    `HOST:PORT` of `ray start --head`); None starts a private local instance, which
-    ends with the stream. An already connected driver (`ray.init`) is used as it is.
+    `predictor` is the driver's copy (class names, calibration, rejection); `spec` tells
+    each actor how to load its own (`ModelSpec`, paths made absolute). `address` is a Ray
+    cluster (`auto`, or `HOST:PORT` of `ray start --head`); None starts a private local
+    instance, which ends with the stream. An already connected driver (`ray.init`) is used
+    as it is.
     """
 
     def __init__(
         self,
         predictor: Predictor,
-        recipe: ModelRecipe,
+        spec: ModelSpec,
         address: str | None = None,
         actors: int | None = None,
         ordered: bool = True,
     ):
         self.predictor = predictor
-        self.recipe = recipe
+        self.recipe = spec.absolute()
         self.address = address
         self.actors = actors
         self.ordered = ordered
@@ -229,7 +217,7 @@ class RayPredictor:
 
         self.torch_model = not isinstance(predictor.backend, OnnxBackend)  # GPU actors
 
-    # what sort_images and the CLI read and set on a predictor
+    # what sinks and the CLI read and set on a predictor
     @property
     def output_classes(self) -> list[str]:
         return self.predictor.output_classes
@@ -242,47 +230,45 @@ class RayPredictor:
     def min_confidence(self, value: float) -> None:
         self.predictor.min_confidence = value
 
-    def predict(self, inputs: Sequence[str | Path], **kw: Any) -> list[Prediction]:
-        """Files and folders (each frame of a cine loop is an item) -> predictions."""
-        from fetalplanes.data.loading import list_items
-
-        return list(self.predict_paths(list_items(inputs), **kw))
-
-    def predict_paths(
+    def stream(
         self,
-        paths: Sequence[str | Path],
+        items: Iterable[Item],
+        *,
         batch_size: int = 64,
         workers: int | None = None,
+        expected: int | None = None,
         progress: bool = False,
         keep_outputs: bool = False,
+        hold: Any = None,
         desc: str = "classifying",
-    ) -> Iterator[Prediction]:
-        """Stream predictions as the cluster returns them (`workers` is Ray's to choose)."""
-        from tqdm import tqdm
+    ) -> Iterator[Result]:
+        """Results as the cluster returns them (`workers` is Ray's to choose)."""
+        from fetalplanes.console import progress as progress_bar
 
-        paths = [str(p) for p in paths]  # files, or `file.dcm#frame=N` items
-        if not paths:
+        todo = list(items)
+        if not todo:
             return
-        where = [os.path.abspath(p) for p in paths]  # actors elsewhere do not share our cwd
+        remote = [_absolute(it) for it in todo]  # actors elsewhere do not share our cwd
         ray = ray_module()
         owned = _connect(ray, self.address)
-        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.1)
+        bar = progress_bar(total=len(todo), desc=desc, unit="img", disable=not progress,
+                           smoothing=0.1)
         seen: set[int] = set()
         quiet = logging.getLogger("ray.data")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # no per-run notes between our results
         try:
-            ds = self._pipeline(ray, where, max(1, batch_size))
+            ds = self._pipeline(ray, remote, max(1, batch_size))
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                ready = self._results(batch, paths, where, keep_outputs)
+                ready = self._results(batch, todo, remote, keep_outputs)
                 fresh = [i for i in sorted(ready) if i not in seen]  # never an image twice
                 seen.update(fresh)
                 bar.update(len(fresh))
                 for i in fresh:
-                    yield ready[i]
-            if len(seen) != len(paths):
+                    yield Result(todo[i], ready[i])
+            if len(seen) != len(todo):
                 raise FetalPlanesError(
-                    f"the Ray pipeline returned {len(seen)} of {len(paths)} images; "
+                    f"the Ray pipeline returned {len(seen)} of {len(todo)} images; "
                     "run it again (finished images are kept by sort)"
                 )
         finally:
@@ -291,12 +277,12 @@ class RayPredictor:
             if owned:
                 ray.shutdown()
 
-    def _pipeline(self, ray: Any, paths: list[str], batch_size: int) -> Any:
+    def _pipeline(self, ray: Any, items: list[Item], batch_size: int) -> Any:
         plan = plan_actors(ray.cluster_resources(), self.torch_model, self.actors)
-        rows = block_rows(len(paths), ray.cluster_resources().get("CPU", 1), batch_size)
-        blocks = math.ceil(len(paths) / rows)
-        items = [{"index": i, "path": p} for i, p in enumerate(paths)]
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        rows = block_rows(len(items), ray.cluster_resources().get("CPU", 1), batch_size)
+        blocks = math.ceil(len(items) / rows)
+        table = [{"index": i, "item": it} for i, it in enumerate(items)]
+        ds = ray.data.from_items(table, override_num_blocks=blocks)
         ds.context.execution_options.preserve_order = self.ordered
         ds.context.enable_progress_bars = False
         ds = ds.map_batches(
@@ -311,30 +297,39 @@ class RayPredictor:
         )
 
     def _results(
-        self, batch: dict[str, np.ndarray], paths: list[str], where: list[str],
+        self, batch: dict[str, np.ndarray], items: list[Item], remote: list[Item],
         keep_outputs: bool,
     ) -> dict[int, Prediction]:
-        """The driver's predictions for one returned batch, by input index (what
-        `Predictor.predict_paths` makes of a local batch, names as the caller gave them)."""
+        """The driver's predictions for one returned batch, by input index: the same
+        `Predictor.classify` a local chunk goes through, names as the caller gave them."""
         index = [int(i) for i in batch["index"]]
-        errors = [str(e).replace(where[i], paths[i], 1) if e else ""
+        chunk = [items[i] for i in index]
+        errors = [str(e).replace(remote[i].path or "\0", items[i].path or "\0", 1) if e else ""
                   for i, e in zip(index, batch["error"], strict=True)]
-        ready = {i: failed(paths[i], e, parse_frame_name(paths[i])[1])
-                 for i, e in zip(index, errors, strict=True) if e}
-        ok = np.array([not e for e in errors], dtype=bool)
-        if ok.any():
-            has = np.asarray(batch["has_score"])[ok]
-            outs = Outputs(np.asarray(batch["logits"])[ok],
-                           np.asarray(batch["score"])[ok] if has.all() else None)
-            rows = np.flatnonzero(ok)
-            preds = self.predictor.results([paths[index[r]] for r in rows], outs, keep_outputs)
-            for r, pred in zip(rows, preds, strict=True):
-                frame, spacing = int(batch["frame"][r]), np.asarray(batch["spacing"][r])
-                pred.frame = None if frame < 0 else frame
-                pred.pixel_spacing_mm = (None if np.isnan(spacing).any()
-                                         else (float(spacing[0]), float(spacing[1])))
-                ready[index[r]] = pred
-        return ready
+        ok = [r for r, e in enumerate(errors) if not e]
+        has = np.asarray(batch["has_score"])[ok]
+        outs = Outputs(np.asarray(batch["logits"])[ok],
+                       np.asarray(batch["score"])[ok] if len(ok) and has.all() else None)
+        meta = []
+        for r in ok:
+            spacing = np.asarray(batch["spacing"][r])
+            notes = str(batch["notes"][r] or "")
+            meta.append({
+                "pixel_spacing_mm": None if np.isnan(spacing).any()
+                else (float(spacing[0]), float(spacing[1])),
+                "notes": tuple(n for n in notes.split("\n") if n),
+            })
+        prepared = Batch(ok, np.zeros((len(ok), 0, 0), np.uint8), [""] * len(ok),
+                         [(r, e) for r, e in enumerate(errors) if e], outputs=outs, meta=meta)
+        preds = self.predictor.classify(chunk, prepared, keep_outputs)
+        return dict(zip(index, preds, strict=True))
+
+
+def _absolute(item: Item) -> Item:
+    """The item with its file path made absolute (actors on other nodes)."""
+    if item.path is None:
+        return item
+    return dataclasses.replace(item, path=os.path.abspath(item.path))
 
 
 def _connect(ray: Any, address: str | None) -> bool:
@@ -349,3 +344,25 @@ def _connect(ray: Any, address: str | None) -> bool:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise FetalPlanesError(f"cannot start or reach {where} ({first})") from None
     return True
+
+
+#: Seconds to wait for a Ray cluster's address to answer before saying it cannot be reached.
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_address(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse in one line, within `timeout_s`, an --address whose HOST:PORT does not accept
+    connections (Ray itself would retry for a minute). `auto` is left to Ray."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise FetalPlanesError(f"--address {address}: give HOST:PORT (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise FetalPlanesError(f"cannot reach the Ray cluster at {address} ({why.lower()})") \
+            from None

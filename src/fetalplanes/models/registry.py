@@ -133,6 +133,17 @@ def create_model(
     `input_size` (H, W) matters only to architectures without global pooling (seed-cnn).
     """
     spec = get_spec(name)
+    weights = start_weights(name, pretrained, weights)
+    size = tuple(input_size) if input_size else spec.preprocess.size
+    return spec.builder(num_classes, pretrained, Path(weights) if weights else None, size)
+
+
+def start_weights(name: str, pretrained: bool = True,
+                  weights: str | Path | None = None) -> Path | None:
+    """The weights file a model starts from (given, or bundled), checked before anything
+    else happens: one CheckpointError line when it is missing, so `train` stops before it
+    decodes any image."""
+    spec = get_spec(name)
     if pretrained and weights is None:
         weights = spec.bundled_weights()
     if weights is not None and not Path(weights).is_file():
@@ -142,5 +153,4 @@ def create_model(
             f"model {name} has no pretrained weights on this machine; pass --weights PATH "
             f"({spec.pretrained or 'see docs'}) or --no-pretrained to train from scratch"
         )
-    size = tuple(input_size) if input_size else spec.preprocess.size
-    return spec.builder(num_classes, pretrained, Path(weights) if weights else None, size)
+    return None if weights is None else Path(weights)

@@ -7,10 +7,11 @@ process and tests can inject one. Nothing here writes uploads to disk or logs th
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import math
 from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fetalplanes._version import __version__
 from fetalplanes.data.images import decode_cost, decoded_pixels
+from fetalplanes.data.sources import Item, Source, Unreadable, upload_source
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import Prediction, columns, failed
 from fetalplanes.serving.batching import DecodeBudget, MicroBatcher
@@ -117,11 +119,19 @@ def model_info(predictor: Predictor, settings: ServeSettings, explainer: Explain
     )
 
 
+#: Why a heat map is not made for the frames of a cine or video.
+MULTI_FRAME_HEAT = "heat maps are made for single images, not the frames of a cine or video"
+
+
 def file_result(pred: Prediction, filename: str) -> FileResult:
-    """API view of one prediction: the result schema's JSON (`Prediction.to_dict`) with the
-    upload's name as `path` (and, for older clients, `filename`)."""
-    pred.path = filename
+    """API view of one prediction: the result schema's JSON (`Prediction.to_dict`), named
+    by the item (`name`, or `name#frame=N` for a frame), with the upload's `filename`."""
     return FileResult(filename=filename, **pred.to_dict())
+
+
+def file_result_index(preds: list[list[Prediction]], upload: int) -> int:
+    """Index in the flat result list of the first result of upload `upload`."""
+    return sum(len(p) for p in preds[:upload])
 
 
 def over_pixel_budget(
@@ -179,7 +189,7 @@ class SecurityHeaders:
                 ]
                 if path.startswith("/api/"):
                     headers.append((b"cache-control", b"no-store"))
-                if not path.startswith(("/docs", "/redoc")):  # Swagger UI needs its CDN
+                if not path.startswith("/docs"):  # Swagger UI's page has an inline script
                     headers.append((b"content-security-policy", CSP.encode()))
                 message = {**message, "headers": headers}
             await send(message)
@@ -196,16 +206,32 @@ class PredictService:
         self.explainer = explainer
         self._heat_requests = 0  # requests computing heat maps now (one event loop: no lock)
         self.decode_budget = DecodeBudget(settings.max_decode_bytes)
-        self.batcher: MicroBatcher[tuple[str, bytes], Prediction] = MicroBatcher(
-            lambda items: predictor.predict_bytes(items, hold=self.hold),
+        self.batcher: MicroBatcher[Item, Prediction] = MicroBatcher(
+            self.run_items,
             slots=settings.max_concurrency,
             max_batch=settings.max_batch,
             window_s=settings.batch_window_ms / 1000,
         )
 
-    def hold(self, name: str, data: bytes) -> AbstractContextManager[None]:
-        """Wait until decoding this upload fits the server's decode budget (threads)."""
-        return self.decode_budget.hold(decode_cost(data, name))
+    def hold(self, item: Item) -> AbstractContextManager[None]:
+        """Wait until decoding this item fits the server's decode budget (threads)."""
+        if item.data is not None:
+            cost = decode_cost(item.data, item.name)
+        else:
+            cost = 0 if item.pixels is None else int(item.pixels.size) * 4
+        return self.decode_budget.hold(cost)
+
+    def run_items(self, items: list[Item]) -> list[Prediction]:
+        """The engine on a batch of items, in this thread, within the decode budget (what
+        the micro-batcher calls; every upload, frame and live frame goes through here)."""
+        return list(self.predictor.predict_items(items, workers=0, hold=self.hold))
+
+    def open_sources(self, uploads: list[Upload], refused: dict[int, str],
+                     stack: ExitStack) -> list[Source]:
+        """One source per upload (an image, every frame of a DICOM or video), read from
+        memory only; refused and unreadable uploads become one-item error sources."""
+        return [Unreadable(u.filename, refused[i]) if i in refused
+                else upload_source(u.data, u.filename, stack) for i, u in enumerate(uploads)]
 
     async def read(self, request: Request) -> list[Upload]:
         s = self.settings
@@ -226,20 +252,49 @@ class PredictService:
             raise UploadRejected(400, "client disconnected during upload") from None
 
     async def classify(self, uploads: list[Upload], explain: bool) -> list[FileResult]:
+        """Results for every item of every upload, in upload order: single images share
+        micro-batches with other requests; a cine or video runs alone through the engine
+        (its frames in order), like a scan."""
         budget = self.settings.max_request_pixels  # headers only, but off the event loop
         refused = await anyio.to_thread.run_sync(
             over_pixel_budget, uploads, budget, self.settings.max_decode_bytes
         )
-        todo = [u for i, u in enumerate(uploads) if i not in refused]
-        done = iter(await self.batcher.submit([(u.filename, u.data) for u in todo]))
-        preds = [
-            failed(u.filename, refused[i]) if i in refused else next(done)
-            for i, u in enumerate(uploads)
-        ]
-        results = [file_result(p, u.filename) for p, u in zip(preds, uploads, strict=True)]
+        with ExitStack() as stack:
+            sources = await anyio.to_thread.run_sync(self.open_sources, uploads, refused, stack)
+            single = [s for s in sources if (s.expected() or 0) == 1]
+            done = iter(await self.batcher.submit([next(s.items()) for s in single]))
+            preds: list[list[Prediction]] = []
+            for source in sources:
+                if (source.expected() or 0) == 1:
+                    preds.append([next(done)])
+                else:
+                    preds.append(await self.batcher.exclusive(self.run_frames, source))
+        results = [file_result(p, u.filename) for ps, u in zip(preds, uploads, strict=True)
+                   for p in ps]
         if explain:
-            await self._explain_all(results, uploads, preds)
+            firsts = [ps[0] if len(ps) == 1 else failed(u.filename, MULTI_FRAME_HEAT)
+                      for ps, u in zip(preds, uploads, strict=True)]
+            heads = [results[file_result_index(preds, i)] for i in range(len(uploads))]
+            await self._explain_all(heads, uploads, firsts)
+            for head, ps in zip(heads, preds, strict=True):
+                if len(ps) > 1:
+                    head.heatmap_error = MULTI_FRAME_HEAT
         return results
+
+    def run_frames(self, source: Source) -> list[Prediction]:
+        """Every frame of a multi-frame upload through the engine, in order (bounded)."""
+        n = source.expected()
+        limit = self.settings.max_frames
+        if n is not None and n > limit:
+            return [failed(source.name, f"{source.name}: {n} frames, more than this server "
+                                        f"classifies per file ({limit}); use /api/v1/scan "
+                                        "with every=K, or send fewer frames")]
+        items = itertools.islice(source.items(), limit + 1)
+        out = self.run_items(list(items))
+        if len(out) > limit:
+            return [failed(source.name, f"{source.name}: more than {limit} frames; use "
+                                        "/api/v1/scan with every=K, or send fewer frames")]
+        return out
 
     async def _explain_all(
         self, results: list[FileResult], uploads: list[Upload], preds: list[Prediction]
@@ -363,6 +418,37 @@ def add_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
+DOCS_ASSETS = "/docs-assets"
+
+
+def add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the installed `swagger-ui-bundle` package: it works offline
+    (FastAPI's default page loads its scripts from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the [serve] extra brings it; say so instead of a blank page
+        swagger_ui_path = None
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if swagger_ui_path is None:
+            return HTMLResponse("API docs need the swagger-ui-bundle package: pip install "
+                                "'fetalplanes[serve]'. The schema is at /openapi.json.",
+                                status_code=503)
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="fetalplanes API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+    if swagger_ui_path is not None:
+        app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+
 def create_app(
     predictor: Predictor,
     settings: ServeSettings | None = None,
@@ -384,11 +470,14 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by add_docs from local files
+        redoc_url=None,  # ReDoc would load from a CDN
     )
     app.state.service = service
     add_error_handlers(app)
     app.include_router(api_router(service, info))
     app.include_router(scan_router(service))
     add_page(app)
+    add_docs(app)
     app.add_middleware(SecurityHeaders)
     return app

@@ -77,7 +77,7 @@ def explainer_for(predictor: Any) -> Any:
     backend = predictor.backend
     if getattr(backend, "net", None) is None and getattr(backend, "members", None) is None:
         return NoExplainer(
-            "heat maps need gradients, which this model's ONNX Runtime backend has not; "
-            "serve a run folder with --backend torch for them"
+            "heat maps need gradients, which ONNX Runtime does not give; serve this model "
+            "with --backend torch for them (it needs torch: pip install 'fetalplanes[train]')"
         )
     return ModuleExplainer()

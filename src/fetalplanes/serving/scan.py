@@ -14,14 +14,14 @@ from typing import Any, Protocol
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from fetalplanes.data.video import open_upload
+from fetalplanes.data.sources import open_upload
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.timeline import DEFAULT_WINDOW, ScanLimitError, ScanResult, scan
 from fetalplanes.serving.batching import MicroBatcher
-from fetalplanes.serving.schemas import ErrorResponse
+from fetalplanes.serving.schemas import ErrorResponse, result_model
 from fetalplanes.serving.settings import ServeSettings
 from fetalplanes.serving.uploads import Upload, UploadRejected, upload_body
+from fetalplanes.workflows.scan import DEFAULT_WINDOW, ScanLimitError, ScanResult, scan
 
 SCAN = "/api/v1/scan"
 MAX_SCAN_FRAMES = 20_000
@@ -46,21 +46,14 @@ class Smoothed(BaseModel):
     probabilities: dict[str, float]
 
 
-class TimelineFrame(BaseModel):
-    """One scanned frame: its own result (the result schema) and its smoothed label."""
-
-    frame: int
-    time_s: float
-    label: str
-    confidence: float
-    uncertain: bool
-    not_target: bool
-    rejection_score: float | None = None
-    probabilities: dict[str, float]
-    model_label: str | None = None
-    model_confidence: float | None = None
-    pixel_spacing_mm: list[float] | None = None
-    smoothed: Smoothed
+TimelineFrame = result_model(
+    "TimelineFrame",
+    "One scanned frame: its own result (the result schema) and its smoothed label.",
+    skip=("path", "error"),
+    required=("frame", "time_s", "label", "confidence", "uncertain", "not_target",
+              "probabilities"),
+    extra={"smoothed": (Smoothed, Field(description="The label after temporal smoothing."))},
+)
 
 
 class BestFrame(BaseModel):
@@ -120,7 +113,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def scan_upload(predictor: Predictor, upload: Upload, every: int, window: int) -> ScanResult:
     """Scan one upload from memory (runs in a worker thread)."""
     with open_upload(upload.data, upload.filename) as source:
-        return scan(predictor, source, every=every, window=window, max_frames=MAX_SCAN_FRAMES)
+        return scan(predictor, source, every=every, window=window, max_frames=MAX_SCAN_FRAMES,
+                    workers=0)  # in this thread: a server never forks decoders
 
 
 def scan_router(service: _Service) -> APIRouter:

@@ -4,53 +4,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from fetalplanes.inference.results import result_fields
 
 
-class FileResult(BaseModel):
-    """The result for one uploaded file: a prediction, or an `error`."""
+def _json_type(kind: Any) -> Any:
+    """The JSON form of a result field's type (tuples travel as lists)."""
+    text = str(kind)
+    if "tuple" in text:
+        return list[float] | None
+    return kind
 
-    path: str = Field(description="Name of the item: the uploaded file's base name.")
-    filename: str = Field(description="Same as `path` (kept for clients of fetalplanes 0.1).")
-    frame: int | None = Field(None, description="Frame index within a multi-frame file.")
-    label: str | None = Field(
-        None, description="Predicted plane, or `not_target` when the image is rejected."
-    )
-    confidence: float | None = Field(
-        None, ge=0, le=1, description="Calibrated probability of the top class."
-    )
-    probabilities: dict[str, float] | None = Field(
-        None, description="Calibrated probability of every class, by class name."
-    )
-    uncertain: bool | None = Field(
-        None, description="Confidence is below the server's --min-confidence."
-    )
-    not_target: bool | None = Field(
-        None, description="The rejection rule says this is not one of the target planes."
-    )
-    rejection_score: float | None = Field(
-        None,
-        description="In-distribution score the not-target rule thresholds (higher = more "
-        "like the training planes).",
-    )
-    model_label: str | None = Field(
-        None, description="Zero-shot models only: the network's own (unfolded) class."
-    )
-    model_confidence: float | None = Field(
-        None, description="Zero-shot models only: probability of `model_label`."
-    )
-    heatmap: str | None = Field(
-        None, description="With ?explain=true: base64 PNG of the heat map over the model input."
-    )
-    heatmap_error: str | None = Field(
-        None, description="With ?explain=true: why no heat map was made for this file."
-    )
-    pixel_spacing_mm: list[float] | None = Field(
-        None, description="(row, column) pixel size in mm, when the file declares it."
-    )
-    error: str | None = Field(
-        None, description="Why the file could not be classified (not an image, truncated...)."
-    )
+
+def result_model(name: str, doc: str, *, skip: tuple[str, ...] = (), required: tuple[str, ...]
+                 = (), extra: dict[str, Any] | None = None) -> type[BaseModel]:
+    """A response model whose fields are the result schema's (`results.result_fields`): the
+    fields are declared once, in `Prediction`, and every API view derives from them."""
+    fields: dict[str, Any] = {}
+    for f in result_fields():
+        if f.key in skip:
+            continue
+        if f.key in required:
+            fields[f.key] = (_json_type(f.type), Field(description=f.doc))
+        else:
+            fields[f.key] = (_json_type(f.type) | None, Field(None, description=f.doc))
+    return create_model(name, __doc__=doc, **fields, **(extra or {}))
+
+
+FileResult = result_model(
+    "FileResult",
+    "The result for one uploaded file, or one frame of it: a prediction, or an `error`.",
+    required=("path",),
+    extra={
+        "filename": (str, Field(description="The uploaded file's base name (`path` adds "
+                                            "`#frame=N` for a frame of a cine or video).")),
+        "heatmap": (str | None, Field(None, description="With ?explain=true: base64 PNG of "
+                                                        "the heat map over the model input.")),
+        "heatmap_error": (str | None, Field(None, description="With ?explain=true: why no "
+                                                              "heat map was made for this file.")),
+    },
+)
 
 
 class PredictResponse(BaseModel):

@@ -9,12 +9,15 @@ in progress and has not sent a complete request head within `header_timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import socket
 from typing import Any
 
 from starlette.types import ASGIApp
 
+from fetalplanes.errors import FetalPlanesError
 from fetalplanes.serving.framing import RequestGuard
 from fetalplanes.serving.hosts import HostGuard
 from fetalplanes.serving.settings import ServeSettings
@@ -114,10 +117,38 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
     )
 
 
-def run_server(app: ASGIApp, settings: ServeSettings) -> None:
+def bind(settings: ServeSettings) -> socket.socket:
+    """The listening socket, bound now, so a port in use is one line before anything else
+    (uvicorn would log its own error after "startup complete")."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host.strip("[]"), settings.port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise FetalPlanesError(
+                f"port {settings.port} is in use on {settings.host}; pass --port with a free "
+                "port (or stop the other server)"
+            ) from None
+        raise FetalPlanesError(
+            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc})"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(app: ASGIApp, settings: ServeSettings, sock: socket.socket | None = None) -> None:
     """Serve until interrupted (Ctrl-C), answering only the allowed Host names."""
     import uvicorn
 
     # python-multipart logs a warning quoting bytes of a malformed body; the client gets a 400
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
-    uvicorn.run(guarded(app, settings), **uvicorn_options(settings))
+    sock = sock or bind(settings)
+    server = uvicorn.Server(uvicorn.Config(guarded(app, settings), **uvicorn_options(settings)))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

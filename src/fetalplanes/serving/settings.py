@@ -22,6 +22,7 @@ _AT_LEAST_ONE = (
     "max_header_bytes",
     "max_request_pixels",
     "max_decode_bytes",
+    "max_frames",
     "max_heatmap_requests",
     "max_heatmaps_per_request",
 )
@@ -54,6 +55,7 @@ class ServeSettings:
     # memory that decoding may take at once, all requests together (estimated per file from
     # its header, `images.decode_cost`); a file needing more is refused
     max_decode_bytes: int = 768 * MB
+    max_frames: int = 20_000  # frames of one DICOM cine or video classified by /predict
     max_heatmap_requests: int = 4  # requests computing heat maps at once (running or queued)
     max_heatmaps_per_request: int = 16  # heat maps made for one request
     header_timeout_s: float = 10.0  # a connection must send a whole request head in this time

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from fetalplanes.console import cli_command
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.data.synth import SEED4, render_phantom
 from fetalplanes.errors import FetalPlanesError
@@ -332,7 +333,8 @@ def write_scans(folder: Path, n: int, unique: int, progress: bool = True) -> lis
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths: list[Path] = []
-    for i in tqdm(range(n), desc="writing synthetic scans", unit="img", disable=not progress):
+    for i in progress_bar(range(n), desc="writing synthetic scans", unit="img",
+                          disable=not progress):
         p = folder / f"scan_{i:05d}.png"
         if i < unique:
             Image.fromarray(render_phantom(SEED4[i % len(SEED4)], rng, SCAN_SIZE)).save(p)
@@ -727,24 +729,14 @@ class Bench:
         )
 
     def _sort_here(self, backend: str, inp: Path, out: Path) -> None:
-        from fetalplanes.inference.sorting import sort_images
+        from fetalplanes.workflows.sorting import sort_images
 
         pred = self.predictors[backend]
         sort_images(pred, inp, out, workers=self.opts.workers, progress=False)
 
     def _sort_subprocess(self, backend: str, inp: Path, out: Path) -> MemorySampler:
-        cmd = [
-            sys.executable,
-            "-m",
-            "fetalplanes.cli",
-            "sort",
-            str(self.run_dir),
-            str(inp),
-            str(out),
-            "--backend",
-            backend,
-            "--quiet",
-        ]
+        """The memory row: a real `fetalplanes sort` in its own process."""
+        cmd = sort_command(self.run_dir, inp, out, backend)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with MemorySampler(proc.pid, interval=0.2) as mem:
             _, err = proc.communicate()
@@ -777,7 +769,7 @@ def run_bench(opts: BenchOptions, progress: bool = True) -> BenchReport:
         )
         bench.prepare()
         steps = bench.steps()
-        bar = tqdm(steps, unit="step", disable=not progress, leave=False)
+        bar = progress_bar(steps, unit="step", disable=not progress, leave=False, summary=False)
         for what, step in bar:
             bar.set_description(what)
             step()
@@ -825,3 +817,8 @@ def print_report(report: BenchReport) -> None:
 def write_json(report: BenchReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def sort_command(run: Path, inp: Path, out: Path, backend: str) -> list[str]:
+    """The `fetalplanes sort` command line the memory row runs (tests run it too)."""
+    return cli_command("sort", str(run), str(inp), str(out), "--backend", backend, "--quiet")

@@ -51,7 +51,7 @@ def run_demo(
     from fetalplanes.engine.evaluate import evaluate
     from fetalplanes.engine.train import TrainConfig, train
     from fetalplanes.inference.predictor import Predictor
-    from fetalplanes.inference.sorting import sort_images
+    from fetalplanes.workflows.sorting import sort_images
 
     t0 = time.perf_counter()
     out = free_folder(Path(out))

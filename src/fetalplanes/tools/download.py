@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.errors import FetalPlanesError
 
 _USER_AGENT = "fetalplanes-download"
@@ -387,7 +386,7 @@ def _stream(resp: http.client.HTTPResponse, part: Path, start: int, url: str,
     if body is not None:
         _check_space(part.parent, body, f"{_gb(body)} download")
     got = 0
-    with open(part, "ab" if start else "wb") as out, tqdm(
+    with open(part, "ab" if start else "wb") as out, progress_bar(
         total=start + body if body is not None else None, initial=start, unit="B",
         unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
         disable=not progress, leave=False,

@@ -18,6 +18,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,12 +65,14 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = 17)
     return _write_onnx(net, card, target, opset, str(folder))
 
 
-def export_pretrained(name: str, out: str | Path, opset: int = 17) -> Path:
-    """Export a pretrained zero-shot model (the bundled SonoNet-16) with its card, so ONNX
-    Runtime can run it with no torch: `Predictor.from_onnx(out)` folds it like torch does."""
+def export_pretrained(name: str, out: str | Path, opset: int = 17,
+                      weights: str | Path | None = None) -> Path:
+    """Export a pretrained zero-shot model (the bundled SonoNet-16, or `weights`) with its
+    card, so ONNX Runtime can run it with no torch: `Predictor.from_onnx(out)` folds it like
+    torch does."""
     from fetalplanes.inference.backends import load_pretrained_backend
 
-    backend, card, _ = load_pretrained_backend(name, device="cpu")
+    backend, card, _ = load_pretrained_backend(name, weights, device="cpu")
     return _write_onnx(backend.net.eval().to(memory_format=torch.contiguous_format), card,
                        Path(out), opset, name)
 
@@ -296,3 +299,31 @@ def _quantize(fp32: Path, pixels: np.ndarray, work: Path) -> None:
             # the knn features: both stay float (measured: half the probability error)
             nodes_to_exclude=[convs[0], convs[-1]] if len(convs) > 2 else [],
         )
+
+
+def export_model(spec: Any, out: str | Path | None = None, opset: int = 17, int8: bool = False,
+                 calibration: str | Path | None = None) -> list[Path]:
+    """Export whatever the model argument names (`ModelSpec`): a run folder (default
+    RUN/model.onnx) or a pretrained name (default ./NAME.onnx, never over an existing file);
+    with `int8` also the int8 copy. Returns the files written."""
+    kind = spec.kind
+    if kind == "onnx":
+        raise FetalPlanesError(f"{spec.model}: already an ONNX file; give a run folder or a "
+                               "pretrained name")
+    if kind == "ensemble":
+        raise FetalPlanesError(f"{spec.model}: an ensemble; export its runs one at a time")
+    if kind == "run":
+        written = [export_onnx(spec.model, None if int8 else out, opset)]
+        if int8:
+            written.append(export_int8(spec.model, calibration, out))
+        return written
+    spec.check_name()  # one line for a path that does not exist or an unknown name
+    target = Path(out) if out is not None and not int8 else Path(f"{spec.model}.onnx")
+    q_target = Path(out) if out is not None and int8 else target.with_suffix(".int8.onnx")
+    for path in (target, q_target) if int8 else (target,):
+        if path.exists():
+            raise FetalPlanesError(f"{path}: already exists; export never overwrites (--out)")
+    written = [export_pretrained(spec.model, target, opset, spec.weights)]
+    if int8:
+        written.append(quantize_pretrained(spec.model, target, q_target))
+    return written

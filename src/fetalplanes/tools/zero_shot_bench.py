@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from fetalplanes.console import cli_command
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.tools.bench import (
     BenchOptions,
@@ -59,7 +60,7 @@ def _timed_process(cmd: list[str]) -> tuple[float, float]:
 
 
 def _predict_cmd(backend: str, target: Path) -> list[str]:
-    return [sys.executable, "-m", "fetalplanes", "predict", "sononet16", str(target),
+    return [*cli_command(), "predict", "sononet16", str(target),
             "--backend", backend, "--format", "csv", "--quiet"]
 
 
@@ -122,14 +123,14 @@ def scan_rows(tmp: Path, progress: bool = True) -> list[Row]:
     from fetalplanes.data.synth import SEED4, render_phantom
     from fetalplanes.data.video import write_video
     from fetalplanes.inference.predictor import Predictor
-    from fetalplanes.inference.timeline import measure_scan_fps
+    from fetalplanes.workflows.scan import measure_scan_fps
 
     rng = np.random.default_rng(0)
     per = SCAN_FRAMES // len(SEED4)
     frames = [render_phantom(plane, rng, (540, 800)) for plane in SEED4 for _ in range(per)]
     clip = write_video(tmp / "sweep.mp4", frames, 25)
     n = len(frames)
-    wall, peak = _timed_process([sys.executable, "-m", "fetalplanes", "scan", "sononet16",
+    wall, peak = _timed_process([*cli_command(), "scan", "sononet16",
                                  str(clip), "--out", str(tmp / "scan-out"), "--quiet"])
     steady = measure_scan_fps(Predictor.load("sononet16"), clip)
     return [

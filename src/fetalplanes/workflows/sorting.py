@@ -51,16 +51,25 @@ import shutil
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fetalplanes.console import info, report_failures, warn
-from fetalplanes.data.images import list_images, opencv
+from fetalplanes.data.images import opencv, read_file
 from fetalplanes.data.items import parse_frame_name
-from fetalplanes.data.loading import expand_frames, sigterm_interrupts
-from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.data.loading import sigterm_interrupts
+from fetalplanes.data.sources import (
+    Item,
+    collect,
+    count_items,
+    iter_items,
+    mark_output,
+    raw_pixels,
+)
+from fetalplanes.errors import FetalPlanesError, ImageError, NoInputError
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import PROB_PREFIX, Prediction, columns, failed
 
@@ -243,21 +252,20 @@ def safe_copy(src: Path, folder: Path) -> Path:
 FRAMES_STAGING = ".fetalplanes-frames"
 
 
-def copy_item(name: str, folder: Path, out: Path) -> Path:
-    """Copy a file, or write a frame of a multi-frame DICOM (`x.dcm#frame=N`) as the
-    lossless PNG `x_frameNNNN.png`, into folder with `safe_copy`'s guarantees."""
-    path, frame = parse_frame_name(name)
-    if frame is None:
-        return safe_copy(Path(path), folder)
-    from fetalplanes.data.dicom import open_dicom  # pydicom only for cine loops
-
+def copy_item(item: Item, folder: Path, out: Path) -> Path:
+    """Copy an item's file, or write one frame of a cine or video (`x.dcm#frame=N`) as the
+    lossless PNG `x_frameNNNN.png` (its pixels as stored), into folder with `safe_copy`'s
+    guarantees."""
+    if item.frame is None and item.path is not None:
+        return safe_copy(Path(item.path), folder)
     staging = out / FRAMES_STAGING
     _make_dir(staging)
-    png = staging / f"{Path(path).stem}_frame{frame:04d}.png"
-    img = open_dicom(Path(path), name).frame(frame)
+    stem = Path(parse_frame_name(item.name)[0]).stem
+    png = staging / f"{stem}_frame{item.frame or 0:04d}.png"
+    img = raw_pixels(item)
     ok, buf = opencv().imencode(".png", img if img.ndim == 2 else img[..., ::-1])
     if not ok:
-        raise ImageError(f"{name}: could not encode the frame as PNG")
+        raise ImageError(f"{item.name}: could not encode the frame as PNG")
     try:
         png.write_bytes(buf.tobytes())
     except OSError as exc:
@@ -582,8 +590,11 @@ def sort_images(
     batch_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    model: str | None = None,
 ) -> SortSummary:
-    """Copy every image under input_dir into out_dir/<predicted plane>/ (see module doc)."""
+    """Copy every image (and every frame of a cine or video) under input_dir into
+    out_dir/<predicted plane>/ through the engine (see the module doc). `model` names the
+    model in the settings recorded beside the journal."""
     inp, out = Path(input_dir), Path(out_dir)
     _check_folders(inp, out)
     if min_confidence is not None:
@@ -591,25 +602,40 @@ def sort_images(
     classes = predictor.output_classes
     out_res = out.resolve()
     # the input folder resolved: the same file has the same path (and error text) every run
-    files = expand_frames(
-        [f for f in list_images([inp.resolve()]) if out_res not in f.resolve().parents]
-    )
-    summary = SortSummary(out, found=len(files))
+    sources = collect([inp.resolve()], skip=lambda f: out_res in f.resolve().parents)
+    summary = SortSummary(out, found=count_items(sources) or 0)
+    if not sources:
+        raise NoInputError(f"{inp}: no images, DICOM files or videos found")
     _make_dir(out)
     with sigterm_interrupts(), _OutputLock(out) as lock:
         _clean_partials(out, lock.held)
         if lock.held:
             shutil.rmtree(out / FRAMES_STAGING, ignore_errors=True)
         journal, done, errors = _open_journal(out / JOURNAL, classes)
+        check_settings(out, sort_settings(predictor, model))
+        try:
+            mark_output(out, "sort")  # listings of a folder holding OUT skip it
+        except OSError as exc:
+            raise _output_error(out, exc) from None
         with journal:
-            todo = [f for f in files if str(Path(f).resolve()) not in done]
-            summary.skipped_done = len(files) - len(todo)
-            if summary.skipped_done:
-                info(f"{summary.skipped_done} images already sorted in {out} (skipped)")
-            stream = predictor.predict_paths(todo, batch_size, workers, progress)
+
+            def todo() -> Iterator[Item]:
+                for item in iter_items(sources):
+                    if item.name in done:
+                        summary.skipped_done += 1
+                    else:
+                        yield item
+
+            already = sum(1 for s in sources for it in _names(s) if it in done)
+            if already:
+                info(f"{already} images already sorted in {out} (skipped)")
+            stream = predictor.stream(todo(), batch_size=batch_size, workers=workers,
+                                      expected=max(0, summary.found - already),
+                                      progress=progress)
             try:
-                for p in stream:
-                    row = _journal_row(p, out, summary, classes, errors)
+                for result in stream:
+                    row = _journal_row(result.item, result.prediction, out, summary, classes,
+                                       errors)
                     if row is not None:
                         journal.append(row)
             finally:
@@ -618,23 +644,79 @@ def sort_images(
     return summary
 
 
+def _names(source: Any) -> list[str]:
+    """Item names of a source known without decoding (a video's are not: none)."""
+    if source.kind in ("image", "unreadable"):
+        return [source.name]
+    if source.kind == "dicom":
+        return [it.name for it in source.items()]
+    return []
+
+
+# ------------------------------------------------------------------ settings
+SETTINGS = ".fetalplanes-sort.json"
+
+
+def sort_settings(predictor: Predictor, model: str | None) -> dict[str, Any]:
+    """What decides where an image goes: the model and the confidence threshold."""
+    card = predictor.card
+    return {
+        "model": model or card.architecture,
+        "architecture": card.architecture,
+        "classes": predictor.output_classes,
+        "created": card.created,
+        "min_confidence": round(float(predictor.min_confidence), 6),
+    }
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Record the settings of the first sort into OUT; a later sort with other settings is
+    refused in one line (its images would land by other rules than those already sorted)."""
+    import json
+
+    path = out / SETTINGS
+    try:
+        recorded = json.loads(read_file(path, 1 << 20, FetalPlanesError)) if path.exists() \
+            else None
+    except (ValueError, FetalPlanesError):
+        recorded = None  # unreadable: rewritten below
+    if recorded is None or not isinstance(recorded, dict):
+        tmp = out / f".{SETTINGS}.{os.getpid()}.partial"
+        try:
+            tmp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _output_error(path, exc) from None
+        return
+    differ = [k for k in ("model", "architecture", "classes", "created", "min_confidence")
+              if recorded.get(k) != settings.get(k)]
+    if differ:
+        was = ", ".join(f"{k} {recorded.get(k)!s}" for k in differ if k != "classes")
+        now = ", ".join(f"{k} {settings.get(k)!s}" for k in differ if k != "classes")
+        raise FetalPlanesError(
+            f"{out} was sorted with other settings ({was or 'other classes'}; this run: "
+            f"{now or 'other classes'}); sort into a new output folder, or delete {out} "
+            "to sort again with these settings"
+        )
+
+
 def _journal_row(
+    item: Item,
     p: Prediction,
     out: Path,
     summary: SortSummary,
     classes: list[str],
     errors: dict[str, str],
 ) -> dict[str, str] | None:
-    """Copy a readable image to its folder; the journal row records source and copy
+    """Copy a readable item to its folder; the journal row records source and copy
     (None: an error journalled before, unchanged)."""
-    src = Path(p.path)
-    p.path = str(src.resolve())
     if p.ok:
         folder = p.destination
         try:
-            dest = copy_item(p.path, out / folder, out)
+            dest = copy_item(item, out / folder, out)
         except ImageError as exc:  # the source went away after it was read
-            p = failed(p.path, str(exc))
+            p = failed(p.path, str(exc), p.frame)
         else:
             summary.counts[folder] += 1
             summary.copied += 1

@@ -3,15 +3,16 @@ its best frame.
 
 Why it works this way:
 
-- **One path, one schema.** Frames go through the predictor's own `Preprocess.prepare_array`
-  and `predict_prepared`, so a frame gets exactly the `Prediction` an image file would; the
-  timeline CSV is the result schema with time and smoothed columns added.
-- **Speed.** Decoding and preparing (crop, resize) run in a background thread while the
-  network classifies the previous batch; OpenCV, Pillow and torch release the GIL, so on two
-  cores the two overlap.
+- **One engine, one schema.** A recording's items (`data.sources`) go through the engine
+  (`Predictor.stream`) like any other way in, so a frame gets exactly the `Prediction` the
+  same frame gets from predict, sort or the server; the timeline CSV is the result schema
+  with the smoothed columns added. This module is a sink: it never decodes or classifies.
+- **Speed.** The engine decodes and prepares frames in worker processes (and runs ONNX models
+  there) while results stream back in order.
 - **Constant memory.** Results are smoothed as they stream, with a lag of ``window // 2``
-  frames; only the frames inside the window, the open segment's best frame and one best
-  frame per plane are held, however long the recording.
+  frames; only the items inside the window, the open segment's best item and one best item
+  per plane are held (a video frame's pixels travel with its item), however long the
+  recording. The best frames' pixels are decoded again from their items at the end.
 
 **Smoothing rule** (docs/scan.md): the calibrated probabilities (folded, for zero-shot models)
 are averaged over a centred window of ``window`` scanned frames, truncated at the ends. The
@@ -28,16 +29,12 @@ its segments.
 from __future__ import annotations
 
 import base64
-import copy
 import csv
-import queue
 import re
-import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +42,7 @@ from typing import Any
 import numpy as np
 
 from fetalplanes.data.images import opencv
-from fetalplanes.data.preprocess import Preprocess
-from fetalplanes.data.video import FrameSource, open_source
+from fetalplanes.data.sources import Item, Source, load, open_source
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import NOT_TARGET, Prediction, columns, safe_cell
@@ -71,9 +67,9 @@ class ScanLimitError(FetalPlanesError):
 
 
 def timeline_columns(classes: Sequence[str]) -> list[str]:
-    """timeline.csv header: time, the result schema, then the smoothed label and probabilities."""
-    return ["time_s", *columns(classes), *SMOOTHED_COLUMNS,
-            *(SMOOTHED_PREFIX + c for c in classes)]
+    """timeline.csv header: the result schema (time included), then the smoothed label and
+    probabilities."""
+    return [*columns(classes), *SMOOTHED_COLUMNS, *(SMOOTHED_PREFIX + c for c in classes)]
 
 
 @dataclass
@@ -99,7 +95,7 @@ class TimelineRow:
 
     def to_row(self, classes: Sequence[str]) -> dict[str, str]:
         """CSV view: one string per column of `timeline_columns(classes)`."""
-        row = {"time_s": f"{self.time_s:.6f}", **self.prediction.to_row(classes)}
+        row = self.prediction.to_row(classes)
         row |= {
             "smoothed_label": safe_cell(self.label),
             "smoothed_confidence": f"{self.confidence:.6f}",
@@ -113,7 +109,8 @@ class TimelineRow:
     def to_dict(self) -> dict[str, Any]:
         """JSON view: frame, time, the frame's own result (`Prediction.to_dict` without the
         path) and the smoothed label under `smoothed`."""
-        own = {k: v for k, v in self.prediction.to_dict().items() if k not in ("path", "frame")}
+        own = {k: v for k, v in self.prediction.to_dict().items()
+               if k not in ("path", "frame", "time_s")}
         return {
             "frame": self.frame,
             "time_s": round(self.time_s, 6),
@@ -138,6 +135,14 @@ class BestFrame:
     time_s: float
     confidence: float
     pixels: np.ndarray | None = field(default=None, repr=False)
+    item: Item | None = field(default=None, repr=False, compare=False)
+
+    def materialise(self) -> BestFrame:
+        """The same best frame with its pixels decoded from its item (the frame cut to its
+        declared region, grey) and the item dropped."""
+        pixels = self.pixels if self.pixels is not None or self.item is None \
+            else np.ascontiguousarray(load(self.item).cropped())
+        return replace(self, pixels=pixels, item=None)
 
     def png(self) -> bytes:
         """The frame as PNG bytes."""
@@ -200,6 +205,7 @@ class ScanResult:
     seconds: float
     spacing_mm: tuple[float, float] | None = None
     crop_box: tuple[int, int, int, int] | None = None
+    skipped: list[str] = field(default_factory=list)  # frames that could not be read
 
     @property
     def planes(self) -> list[str]:
@@ -277,36 +283,36 @@ class _Smoother:
         self.half = window // 2
         self.classes = list(classes)
         self.min_confidence = min_confidence
-        self.buf: deque[tuple[Prediction, float, np.ndarray]] = deque()
+        self.buf: deque[tuple[Prediction, float, Item]] = deque()
         self.base = 0  # stream position of buf[0]
         self.next = 0  # stream position of the next row to emit
 
-    def push(self, pred: Prediction, time_s: float, gray: np.ndarray) -> list[
-        tuple[TimelineRow, np.ndarray]
+    def push(self, pred: Prediction, time_s: float, item: Item) -> list[
+        tuple[TimelineRow, Item]
     ]:
-        self.buf.append((pred, time_s, gray))
+        self.buf.append((pred, time_s, item))
         out = []
         while self.next + self.half < self.base + len(self.buf):
             out.append(self._emit())
         return out
 
-    def flush(self) -> list[tuple[TimelineRow, np.ndarray]]:
+    def flush(self) -> list[tuple[TimelineRow, Item]]:
         out = []
         while self.next < self.base + len(self.buf):
             out.append(self._emit())
         return out
 
-    def _emit(self) -> tuple[TimelineRow, np.ndarray]:
+    def _emit(self) -> tuple[TimelineRow, Item]:
         pos = self.next
         lo, hi = max(self.base, pos - self.half), pos + self.half + 1
         window = [self.buf[i - self.base][0] for i in range(lo, min(hi, self.base + len(self.buf)))]
-        pred, time_s, gray = self.buf[pos - self.base]
+        pred, time_s, item = self.buf[pos - self.base]
         row = self._row(pred, time_s, window)
         self.next += 1
         while self.base < self.next - self.half:
             self.buf.popleft()
             self.base += 1
-        return row, gray
+        return row, item
 
     def _row(self, pred: Prediction, time_s: float, window: list[Prediction]) -> TimelineRow:
         probs = np.array([[p.probs.get(c, 0.0) for c in self.classes] for p in window])
@@ -337,16 +343,16 @@ class _Open:
     best_ok: BestFrame | None = None  # among frames the per-frame rule accepted
     best_any: BestFrame | None = None
 
-    def add(self, row: TimelineRow, gray: np.ndarray) -> None:
+    def add(self, row: TimelineRow, item: Item) -> None:
         self.last, self.n = row, self.n + 1
         conf = float(row.prediction.probs.get(self.plane, 0.0))
         if not row.prediction.not_target and (self.best_ok is None or
                                               conf > self.best_ok.confidence):
-            self.best_ok = BestFrame(self.plane, row.frame, row.time_s, conf, gray.copy())
+            self.best_ok = BestFrame(self.plane, row.frame, row.time_s, conf, item=item)
         if self.best_ok is None and (self.best_any is None or conf > self.best_any.confidence):
-            self.best_any = BestFrame(self.plane, row.frame, row.time_s, conf, gray.copy())
+            self.best_any = BestFrame(self.plane, row.frame, row.time_s, conf, item=item)
         if self.best_ok is not None:
-            self.best_any = None  # never needed again: frees its pixels
+            self.best_any = None  # never needed again: frees its item (a video's pixels)
 
     def close(self) -> Segment:
         best = self.best_ok or self.best_any
@@ -363,13 +369,13 @@ class _SegmentTracker:
         self.best: dict[str, BestFrame] = {}
         self.open: _Open | None = None
 
-    def push(self, row: TimelineRow, gray: np.ndarray) -> None:
+    def push(self, row: TimelineRow, item: Item) -> None:
         if self.open is not None and not (row.accepted and row.label == self.open.plane):
             self.close()
         if row.accepted:
             if self.open is None:
                 self.open = _Open(row.label, row, row)
-            self.open.add(row, gray)
+            self.open.add(row, item)
 
     def close(self) -> None:
         if self.open is None:
@@ -379,139 +385,8 @@ class _SegmentTracker:
         best = self.best.get(seg.plane)
         if best is None or seg.best.confidence > best.confidence:
             self.best[seg.plane] = seg.best
-        seg.best = replace(seg.best, pixels=None)  # only each plane's overall best is kept
+        seg.best = replace(seg.best, pixels=None, item=None)  # only planes' overall bests kept
         self.segments.append(seg)
-
-
-# ------------------------------------------------------------------ decoding in a thread
-@dataclass
-class _Item:
-    index: int
-    time_s: float
-    gray: np.ndarray
-    pixels: np.ndarray  # model input (cropped, resized)
-
-
-_DONE = object()
-
-
-class _Prefetch:
-    """Decode and prepare frames in a daemon thread, handing them over a bounded queue, so
-    the network never waits for the decoder (and memory stays bounded)."""
-
-    def __init__(self, items: Iterator[_Item], size: int):
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(items,), daemon=True, name="fetalplanes-scan-decode"
-        )
-        self._thread.start()
-
-    def _run(self, items: Iterator[_Item]) -> None:
-        try:
-            with closing(items):  # type: ignore[type-var]
-                for item in items:
-                    if not self._put(item):
-                        return
-            self._put(_DONE)
-        except Exception as exc:  # re-raised in the consumer's thread
-            self._put(exc)
-
-    def _put(self, obj: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(obj, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[_Item]:
-        while True:
-            obj = self._queue.get()
-            if obj is _DONE:
-                return
-            if isinstance(obj, Exception):
-                raise obj
-            yield obj
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-def _prepare(source: FrameSource, every: int, pp: Preprocess,
-             max_frames: int | None) -> Iterator[_Item]:
-    for n, (index, time_s, gray) in enumerate(source.frames(every)):
-        if max_frames is not None and n >= max_frames:
-            raise ScanLimitError(_too_many(source, max_frames))
-        yield _Item(index, time_s, gray, pp.prepare_array(gray))
-
-
-def _too_many(source: FrameSource, max_frames: int) -> str:
-    return (f"{source.name}: more than {max_frames} frames to scan; "
-            "scan every K-th frame (every=K) or a shorter recording")
-
-
-def _batches(items: Iterable[_Item], size: int) -> Iterator[list[_Item]]:
-    batch: list[_Item] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-@contextmanager
-def _network_workers(predictor: Predictor, workers: int | None) -> Iterator[int]:
-    """How many batches to run at once. Given: as given. Automatic: on a torch CPU backend
-    with a budget of N >= 2 torch threads, 2 batches of N // 2 threads each for the scan
-    (restored after): eager torch spends a third of its CPU time waiting between threads on
-    small machines, and two single-threaded batches keep both cores busy instead. Otherwise 1.
-    """
-    device = getattr(getattr(predictor, "backend", None), "device", None)
-    if workers is not None or getattr(device, "type", None) != "cpu":
-        yield max(1, workers or 1)
-        return
-    import torch
-
-    budget = torch.get_num_threads()
-    if budget < 2:
-        yield 1
-        return
-    torch.set_num_threads(budget // 2)
-    try:
-        yield 2
-    finally:
-        torch.set_num_threads(budget)
-
-
-def _classify(predictor: Predictor, source: FrameSource, batches: Iterable[list[_Item]],
-              workers: int) -> Iterator[tuple[list[_Item], list[Prediction]]]:
-    """(batch, predictions) in order; with `workers` > 1, that many batches run at once,
-    each on its own copy of the predictor (models keep per-call state, e.g. feature taps)."""
-    copies = [predictor] + [copy.deepcopy(predictor) for _ in range(workers - 1)]
-
-    def run(k: int, batch: list[_Item]) -> list[Prediction]:
-        names = [source.item_name(it.index) for it in batch]
-        return copies[k % workers].predict_prepared(np.stack([it.pixels for it in batch]), names)
-
-    if workers == 1:
-        for batch in batches:
-            yield batch, run(0, batch)
-        return
-    pending: deque[tuple[list[_Item], Future[list[Prediction]]]] = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="fetalplanes-scan-net") as pool:
-        for k, batch in enumerate(batches):
-            pending.append((batch, pool.submit(run, k, batch)))
-            if len(pending) == workers:  # copy k % workers is free again once this returns
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
 
 
 def check_options(every: int, window: int, batch_size: int = DEFAULT_BATCH) -> None:
@@ -525,9 +400,21 @@ def check_options(every: int, window: int, batch_size: int = DEFAULT_BATCH) -> N
 
 
 # ------------------------------------------------------------------ public entry points
+def _limited(items: Iterator[Item], source: Source, max_frames: int | None) -> Iterator[Item]:
+    for n, item in enumerate(items):
+        if max_frames is not None and n >= max_frames:
+            raise ScanLimitError(_too_many(source, max_frames))
+        yield item
+
+
+def _too_many(source: Source, max_frames: int) -> str:
+    return (f"{source.name}: more than {max_frames} frames to scan; "
+            "scan every K-th frame (every=K) or a shorter recording")
+
+
 def scan(
     predictor: Predictor,
-    source: FrameSource,
+    source: Source,
     *,
     every: int = 1,
     window: int = DEFAULT_WINDOW,
@@ -536,14 +423,14 @@ def scan(
     max_frames: int | None = None,
     workers: int | None = None,
 ) -> ScanResult:
-    """Classify every `every`-th frame of `source`, smooth, and find segments and best frames.
+    """Classify every `every`-th frame of `source` through the engine (`Predictor.stream`),
+    smooth, and find segments and best frames.
 
     `max_frames` bounds the frames scanned (ScanLimitError beyond it, before decoding when
-    the container says how many there are). `workers` batches run at once (None: see
-    `_network_workers`).
+    the container says how many there are). `workers`: decode processes (None: chosen by
+    the engine from the frame count; 0: in this process). A frame that cannot be read is
+    skipped with its one-line message in `ScanResult.skipped`.
     """
-    from tqdm import tqdm
-
     check_options(every, window, batch_size)
     expected = source.expected(every)
     if max_frames is not None and expected is not None and expected > max_frames:
@@ -552,43 +439,45 @@ def scan(
     smoother = _Smoother(window, classes, predictor.min_confidence)
     tracker = _SegmentTracker()
     rows: list[TimelineRow] = []
+    skipped: list[str] = []
 
-    def take(done: list[tuple[TimelineRow, np.ndarray]]) -> None:
-        for row, gray in done:
+    def take(done: list[tuple[TimelineRow, Item]]) -> None:
+        for row, item in done:
             rows.append(row)
-            tracker.push(row, gray)
+            tracker.push(row, item)
 
     start = time.perf_counter()
-    bar = tqdm(total=expected, desc="scanning", unit="frame",
-               disable=not progress, smoothing=0.1)
-    feed = _Prefetch(_prepare(source, every, predictor.pp, max_frames), 2 * batch_size)
-    try:
-        with _network_workers(predictor, workers) as n_workers, closing(
-            _classify(predictor, source, _batches(feed, batch_size), n_workers)
-        ) as classified:
-            for batch, preds in classified:
-                for it, pred in zip(batch, preds, strict=True):
-                    pred.frame, pred.pixel_spacing_mm = it.index, source.spacing_mm
-                    take(smoother.push(pred, it.time_s, it.gray))
-                bar.update(len(batch))
-        take(smoother.flush())
-    finally:
-        feed.close()
-        bar.close()
+    items = _limited(source.items(every), source, max_frames)
+    stream = predictor.stream(items, batch_size=batch_size, workers=workers, expected=expected,
+                              progress=progress, desc="scanning")
+    with closing(stream):
+        for n, result in enumerate(stream):
+            item, pred = result.item, result.prediction
+            if not pred.ok:
+                skipped.append(pred.error or f"{item.name}: unreadable")
+                continue
+            index = item.frame if item.frame is not None else n * every
+            time_s = item.time_s if item.time_s is not None else index / source.fps
+            pred.frame, pred.time_s = index, time_s
+            pred.pixel_spacing_mm = pred.pixel_spacing_mm or source.spacing_mm
+            take(smoother.push(pred, time_s, item))
+    take(smoother.flush())
     tracker.close()
     if not rows:
-        raise ImageError(f"{source.name}: no frames to scan")
+        why = f" ({skipped[0]})" if skipped else ""
+        raise ImageError(f"{source.name}: no frames to scan{why}")
+    best = {plane: b.materialise() for plane, b in tracker.best.items()}
     return ScanResult(
         name=source.name, kind=source.kind, fps=source.fps, every=every, window=window,
-        classes=classes, rows=rows, segments=tracker.segments, best=tracker.best,
+        classes=classes, rows=rows, segments=tracker.segments, best=best,
         seconds=time.perf_counter() - start, spacing_mm=source.spacing_mm,
-        crop_box=source.crop_box,
+        crop_box=source.crop_box, skipped=skipped,
     )
 
 
 def scan_path(predictor: Predictor, path: str | Path, *, fps: float | None = None,
               **kw: Any) -> ScanResult:
-    """`scan` of a video file, DICOM cine or folder of frames (see `data.video.open_source`)."""
+    """`scan` of a video file, DICOM cine or folder of frames (see `data.sources.open_source`)."""
     return scan(predictor, open_source(path, fps), **kw)
 
 

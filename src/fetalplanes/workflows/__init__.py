@@ -1,0 +1,6 @@
+"""Workflows: what users run on top of the one engine (`inference.predictor.Predictor.stream`).
+
+Each workflow is a sink (or a source and a sink) around the same pipeline: `sorting` copies
+items into plane folders with a journal, `scan` smooths a recording's frames into a timeline
+with the best frame of each plane. Workflows never decode or classify by themselves.
+"""
