@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fetalplanes.cli.common import fail, warn_notes
+from fetalplanes.cli.common import fail, printable, warn_notes
 from fetalplanes.cli.options import (
     MODEL_HELP,
     BackendChoice,
@@ -128,19 +128,31 @@ def deid(
         bool, typer.Option("--rename", help="Name outputs <new SOP Instance UID>.dcm, flat.")
     ] = False,
 ) -> None:
-    """De-identify ultrasound DICOM files (PS3.15 basic profile, burned-in UI masked)."""
-    from fetalplanes.tools.deid import deidentify
+    """De-identify ultrasound DICOM files: PS3.15 Table E.1-1 basic profile on the header
+    (plus a safety net for text no table lists), pixels outside the ultrasound regions zeroed.
+
+    Prints one line per skipped, failed or non-DICOM file on stderr and a summary on stdout.
+    Exits 1 when the input holds no DICOM (a FIFO, a device, a folder without DICOM) or
+    every file failed; 2 when the output cannot be written or overlaps the input.
+    """
+    from fetalplanes.tools.deid import NothingToDeidentify, deidentify
 
     if top_band < 0:
         fail(f"--top-band must not be negative (got {top_band:g})")
-    report = deidentify(src, dst, mask_outside_regions=not no_mask, top_band=top_band,
-                        uid_map=uid_map, rename=rename)
+    try:
+        report = deidentify(src, dst, mask_outside_regions=not no_mask, top_band=top_band,
+                            uid_map=uid_map, rename=rename)
+    except NothingToDeidentify as exc:
+        fail(str(exc), 1)
     for msg in report.skipped:
-        typer.secho(f"skipped: {msg}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"skipped: {printable(msg)}", fg=typer.colors.YELLOW, err=True)
+    for path in report.not_dicom:
+        typer.secho(f"not DICOM, skipped: {printable(str(path))}", fg=typer.colors.YELLOW,
+                    err=True)
     for msg in report.failed:
-        typer.secho(f"failed: {msg}", fg=typer.colors.RED, err=True)
+        typer.secho(f"failed: {printable(msg)}", fg=typer.colors.RED, err=True)
     for path in report.unmasked:
-        typer.secho(f"not masked (no regions declared; review it): {path}",
+        typer.secho(f"not masked (no regions declared; review it): {printable(str(path))}",
                     fg=typer.colors.YELLOW, err=True)
     typer.echo(report.summary())
     if report.failed and not report.written and not report.skipped:

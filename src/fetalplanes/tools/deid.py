@@ -2,20 +2,22 @@
 
 What it does, and why:
 
-- Header: the DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile, as the
-  action table ``ACTIONS`` below (D = replace with a dummy, Z = empty, X = remove, U = new UID)
-  plus rules that cover what a table cannot list: every private tag, curve (50xx) and overlay
-  (60xx) group and unknown public tag is removed (overlays can hold burned text); every other
-  person name, date, time and date-time is removed; every instance UID (any UI value outside
-  the DICOM root 1.2.840.10008 that is not a SOP class) gets a new UID. The same old UID gets
-  the same new UID in every file of one run, so studies and series stay together and
-  references stay valid. The old -> new map is written only when asked (``uid_map``): it
-  re-identifies the data and must be kept like patient data.
+- Header: DICOM PS3.15 Annex E, Table E.1-1, Basic Application Level Confidentiality
+  Profile: every row of the table (loaded at run time from ``ps3_15_e1_1.csv``, whose
+  header names the edition), then a safety net for what no table lists: see
+  ``deid_profile``. Every instance UID gets a new UID; the same old UID gets the same new
+  UID in every file of one run, so studies and series stay together and references stay
+  valid. The old -> new map is written only when asked (``uid_map``): it re-identifies the
+  data and must be kept like patient data.
 - Pixels: scanners burn names, IDs and dates into the screen around the image. Everything
   outside the declared ultrasound regions (the union of their boxes) is zeroed, and
   ``top_band`` zeroes a band at the top where many scanners print the patient name, on every
   frame. Text burned inside a region box (measurements, annotations, sometimes a name) cannot
   be found this way, so BurnedInAnnotation stays "YES" unless the scanner itself declared "NO".
+- Inputs: every file under a folder is looked at; non-DICOM files, unreadable or
+  damaged ones and special files (FIFOs, devices) are each named in the report, and the
+  run goes on. A FIFO or device given as the input, or a folder without any DICOM file, is
+  refused (``NothingToDeidentify``); so is an output folder that cannot be created.
 - Output: pixels are written uncompressed (Explicit VR Little Endian; YBR colour as RGB), since
   masking needs decoded pixels and re-encoding lossy JPEG would degrade the image a second
   time. Outputs are written atomically (temporary file + rename) and existing outputs are
@@ -29,6 +31,7 @@ from __future__ import annotations
 import csv
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,83 +39,19 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fetalplanes.data.dicom import DicomFile, is_dicom, open_dicom, read_header
+from fetalplanes.data.images import os_error_text
 from fetalplanes.errors import FetalPlanesError
+from fetalplanes.tools.deid_profile import ProfileRun, apply_profile, load_table
 
-__all__ = ["ACTIONS", "DeidReport", "deidentify"]
+__all__ = ["DeidReport", "NothingToDeidentify", "deidentify"]
 
-_X = "X"  # remove
-_Z = "Z"  # keep the attribute, empty its value
-_D = "D"  # replace with a dummy value
-_U = "U"  # replace the UID, consistently within one run
-
-# PS3.15 Table E.1-1, Basic Profile column, for the attributes ultrasound files carry. Where
-# the profile allows a choice (X/Z/D), the strictest value the IOD still accepts is used.
-# fmt: off
-_ZERO = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
-    "ReferringPhysicianName", "StudyID", "StudyDate", "StudyTime", "ContentDate", "ContentTime",
-    "ContentCreatorName", "VerifyingObserverIdentificationCodeSequence",
-)
-_DUMMIED = (
-    "VerifyingObserverName", "PersonName",
-)
-_REMOVED = (
-    "IssuerOfPatientID", "PatientBirthTime", "PatientInsurancePlanCodeSequence", "OtherPatientIDs",
-    "OtherPatientNames", "OtherPatientIDsSequence", "PatientBirthName", "PatientAge", "PatientSize",
-    "PatientWeight", "PatientAddress", "PatientMotherBirthName", "MilitaryRank", "BranchOfService",
-    "MedicalRecordLocator", "MedicalAlerts", "Allergies", "CountryOfResidence", "RegionOfResidence",
-    "PatientTelephoneNumbers", "PatientTelecomInformation", "EthnicGroup", "Occupation",
-    "SmokingStatus", "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate",
-    "PatientReligiousPreference", "PatientComments", "PatientState", "SpecialNeeds",
-    "PreMedication", "PatientTransportArrangements", "ReferencedPatientSequence",
-    "ReferencedPatientPhotoSequence", "ReferencedPatientAliasSequence",
-    "PatientPrimaryLanguageCodeSequence", "ResponsiblePerson", "ResponsibleOrganization",
-    "AdmissionID", "IssuerOfAdmissionIDSequence", "CurrentPatientLocation",
-    "PatientInstitutionResidence", "VisitComments", "ServiceEpisodeID", "ServiceEpisodeDescription",
-    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "ReasonForStudy",
-    "RequestingPhysician", "RequestingPhysicianIdentificationSequence", "RequestingService",
-    "RequestedProcedureDescription", "RequestedProcedureID", "RequestedProcedureComments",
-    "RequestedProcedureLocation", "ReasonForTheRequestedProcedure", "RequestAttributesSequence",
-    "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
-    "ImagingServiceRequestComments", "OrderEnteredBy", "OrderEntererLocation",
-    "OrderCallbackPhoneNumber", "NamesOfIntendedRecipientsOfResults",
-    "ScheduledPerformingPhysicianName", "ScheduledProcedureStepDescription",
-    "ScheduledProcedureStepID", "ScheduledStationName", "ScheduledProcedureStepLocation",
-    "PerformedStationAETitle", "PerformedStationName", "PerformedLocation",
-    "PerformedProcedureStepID", "PerformedProcedureStepDescription", "ReferencedStudySequence",
-    "ReferencedPerformedProcedureStepSequence", "StudyComments", "InstitutionName",
-    "InstitutionAddress", "InstitutionCodeSequence", "InstitutionalDepartmentName",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence", "PerformingPhysicianName",
-    "PerformingPhysicianIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "OperatorsName",
-    "OperatorIdentificationSequence", "HumanPerformerName", "VerifyingOrganization",
-    "ParticipantSequence", "CustodialOrganizationSequence", "AuthorObserverSequence",
-    "ContentCreatorIdentificationCodeSequence", "StationName", "DeviceSerialNumber", "ProtocolName",
-    "StudyDescription", "SeriesDescription", "IdentifyingComments", "ImageComments",
-    "FrameComments", "AcquisitionComments", "TextComments", "DerivationDescription",
-    "AcquisitionDeviceProcessingDescription", "ContributionDescription", "TimezoneOffsetFromUTC",
-    "ContentSequence", "GraphicAnnotationSequence", "IconImageSequence",
-    "OriginalAttributesSequence", "ModifiedAttributesSequence", "DigitalSignaturesSequence",
-    "MACParametersSequence", "EncryptedAttributesSequence",
-)
-# fmt: on
-ACTIONS: dict[str, str] = {
-    **dict.fromkeys(_ZERO, _Z),
-    **dict.fromkeys(_DUMMIED, _D),
-    **dict.fromkeys(_REMOVED, _X),
+_PROFILE_CODES = {
+    "113100": "Basic Application Confidentiality Profile",
+    "113111": "Retain Safe Private Option",
 }
-"""Keyword -> action; attributes not listed follow the rules in the module docstring."""
-_DUMMY = {"PN": "ANONYMIZED", "LO": "ANONYMIZED", "SH": "ANONYMIZED", "CS": "ANONYMIZED"}
-_TEMPORAL_VRS = ("DA", "DT", "TM")
-_DICOM_ROOT = "1.2.840.10008."
-_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 _ENCAPSULATION_KEYWORDS = ("ExtendedOffsetTable", "ExtendedOffsetTableLengths")
 _LOSSLESS = {  # compressed syntaxes that keep every value
     "1.2.840.10008.1.2.4.57",
@@ -122,6 +61,14 @@ _LOSSLESS = {  # compressed syntaxes that keep every value
     "1.2.840.10008.1.2.4.201",
     "1.2.840.10008.1.2.5",
 }
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
+}  # fmt: skip
+
+
+class NothingToDeidentify(FetalPlanesError):
+    """The input holds no DICOM file to work on (a FIFO, a device, a folder without DICOM)."""
 
 
 @dataclass
@@ -132,13 +79,13 @@ class DeidReport:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     unmasked: list[Path] = field(default_factory=list)
-    not_dicom: int = 0
+    not_dicom: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the command line."""
         return (
             f"{len(self.written)} written, {len(self.skipped)} skipped (exist), "
-            f"{len(self.failed)} failed, {self.not_dicom} not DICOM; "
+            f"{len(self.failed)} failed, {len(self.not_dicom)} not DICOM; "
             f"{len(self.unmasked)} written without region masking (no regions declared)"
         )
 
@@ -178,23 +125,31 @@ def deidentify(
     ``top_band`` zeroes that many rows at the top of every frame (a fraction of the height if
     below 1). ``uid_map`` names a CSV to write the old -> new UIDs to. Refuses (one-line
     FetalPlanesError) when ``dst`` is ``src`` or inside it, when ``uid_map`` exists, and, with
-    ``rename``, when ``dst`` is not empty. Bad files are reported and the run goes on.
+    ``rename``, when ``dst`` is not empty or cannot be created; raises NothingToDeidentify
+    for a FIFO or device, or a folder without DICOM. Bad files are reported, one line
+    each, and the run goes on.
     """
     src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
     map_path = Path(uid_map).resolve() if uid_map is not None else None
     _check_paths(src_path, dst_path, map_path, rename)
     report, uids = DeidReport(), _UidMap()
+    run = ProfileRun(uids)
+    found = False
     for path, rel in _inputs(src_path, report):
+        found = True
         out = None if rename else dst_path / rel
         if out is not None and out.exists():
             report.skipped.append(f"{out}: exists, not overwritten")
             continue
         try:
             written, masked = _deidentify_file(
-                path, out, dst_path, uids, mask_outside_regions, top_band
+                path, out, dst_path, run, mask_outside_regions, top_band
             )
         except FetalPlanesError as exc:
             report.failed.append(str(exc))
+            continue
+        except OSError as exc:  # reading the input or writing the output
+            report.failed.append(f"{path}: {_os_error_line(exc)}")
             continue
         except Exception as exc:  # a malformed file must not stop the run
             report.failed.append(f"{path}: cannot de-identify ({_first_line(exc)})")
@@ -205,14 +160,24 @@ def deidentify(
         report.written.append(written)
         if mask_outside_regions and not masked:
             report.unmasked.append(written)
+    if not found and not report.failed:
+        n = len(report.not_dicom)
+        looked = f" ({n} other file{'s' * (n != 1)} looked at)" if n else ""
+        raise NothingToDeidentify(f"{src_path}: no DICOM file in this folder{looked}")
     if map_path is not None:
         uids.write_csv(map_path)
     return report
 
 
 def _check_paths(src: Path, dst: Path, uid_map: Path | None, rename: bool) -> None:
-    if not src.exists():
-        raise FetalPlanesError(f"{src}: no such file or folder")
+    try:
+        mode = src.stat().st_mode
+    except OSError as exc:
+        raise FetalPlanesError(f"{src}: {os_error_text(exc)}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise NothingToDeidentify(
+            f"{src}: not a file or folder but {_kind(mode)}; deid reads DICOM files and folders"
+        )
     if dst.exists() and not dst.is_dir():
         raise FetalPlanesError(f"{dst}: output must be a folder, and this is a file")
     for target, what in ((dst, "output folder"), (uid_map, "UID map")):
@@ -226,6 +191,38 @@ def _check_paths(src: Path, dst: Path, uid_map: Path | None, rename: bool) -> No
         raise FetalPlanesError(
             f"{dst}: rename=True needs an empty output folder (new names differ on every run)"
         )
+    _check_writable(dst, dst, "output folder")
+    if uid_map is not None:
+        _check_writable(uid_map, uid_map.parent, "UID map")
+
+
+def _check_writable(target: Path, folder: Path, what: str) -> None:
+    """Refuse, before any work, an output whose folder cannot be created or written into."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FetalPlanesError(f"{target}: cannot create the {what}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_fs(existing) else "permission denied"
+        raise FetalPlanesError(f"{target}: cannot write the {what} in {existing} ({why})")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _kind(mode: int) -> str:
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """'cannot write OUT/x.dcm: permission denied': the path and the reason, no repr."""
+    where = f" {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
+    return f"cannot read or write{where}: {os_error_text(exc)}"
 
 
 def _inputs(src: Path, report: DeidReport) -> Iterator[tuple[Path, Path]]:
@@ -233,34 +230,46 @@ def _inputs(src: Path, report: DeidReport) -> Iterator[tuple[Path, Path]]:
     if src.is_file():
         yield src, Path(src.name)
         return
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    for path in sorted(src.rglob("*")):
         try:
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                report.failed.append(f"{path}: not a regular file but {_kind(mode)}, skipped")
+                continue
             with path.open("rb") as f:
                 head = f.read(4096)
         except OSError as exc:
-            report.failed.append(f"{path}: cannot read ({exc.strerror or exc})")
+            report.failed.append(f"{path}: cannot read ({os_error_text(exc)})")
             continue
         if is_dicom(head, path.name):
             yield path, path.relative_to(src)
         else:
-            report.not_dicom += 1
+            report.not_dicom.append(path)
 
 
 def _deidentify_file(
-    path: Path, out: Path | None, dst: Path, uids: _UidMap, mask_regions: bool, top_band: float
+    path: Path,
+    out: Path | None,
+    dst: Path,
+    run: ProfileRun,
+    mask_regions: bool,
+    top_band: float,
 ) -> tuple[Path | None, bool]:
     """Write one de-identified file; return (its path or None if it exists, region-masked)."""
     dcm = open_dicom(path)
     ds = read_header(path)
     lossy = _is_lossy(ds)
-    _apply_profile(ds, uids)
+    run.kept_private = False
+    apply_profile(ds, run)
     out = out or dst / f"{ds.SOPInstanceUID}.dcm"
     if out.exists():
         return None, False
     keep = _keep_mask(dcm, mask_regions, top_band)
     masked = mask_regions and bool(dcm.regions)
     _set_pixel_module(ds, dcm, lossy)
-    _mark_deidentified(ds, masked, top_band)
+    _mark_deidentified(ds, masked, top_band, run.kept_private)
     frame_bytes = dcm.rows * dcm.columns * dcm.samples * (dcm.bits_allocated // 8)
 
     def write(f: str) -> None:
@@ -293,40 +302,6 @@ def _is_lossy(ds: Dataset) -> bool:
     syntax = ds.file_meta.TransferSyntaxUID
     lossy_syntax = syntax.is_compressed and not syntax.is_deflated and syntax not in _LOSSLESS
     return lossy_syntax or str(ds.get("LossyImageCompression", "")) == "01"
-
-
-def _apply_profile(ds: Dataset, uids: _UidMap) -> None:
-    """Apply the Basic Profile actions to ``ds`` and every nested sequence item."""
-    for tag in list(ds.keys()):
-        elem = ds[tag]
-        action = _action(elem.tag, elem.keyword, elem.VR)
-        if action == _X:
-            del ds[tag]
-        elif action == _Z:
-            elem.value = [] if elem.VR == "SQ" else ""
-        elif action == _D:
-            elem.value = _DUMMY.get(elem.VR, "")
-        elif action == _U and elem.value:
-            values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
-            new = [v if str(v).startswith(_DICOM_ROOT) else uids(str(v)) for v in values]
-            elem.value = new if len(new) > 1 else new[0]
-        if tag in ds and ds[tag].VR == "SQ":
-            for item in ds[tag].value:
-                _apply_profile(item, uids)
-
-
-def _action(tag: int, keyword: str, vr: str) -> str | None:
-    """The profile action for one attribute; None keeps it."""
-    group = tag >> 16
-    if group % 2 or group >> 8 in (0x50, 0x60) or not keyword:
-        return _X  # private, curve, overlay or unknown public attribute
-    if keyword in ACTIONS:
-        return ACTIONS[keyword]
-    if vr == "PN" or vr in _TEMPORAL_VRS:
-        return _X
-    if vr == "UI" and not keyword.endswith("ClassUID") and keyword != "TransferSyntaxUID":
-        return _U
-    return None
 
 
 def _band_rows(top_band: float, rows: int) -> int:
@@ -374,18 +349,25 @@ def _set_pixel_module(ds: Dataset, dcm: DicomFile, lossy: bool) -> None:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
-def _mark_deidentified(ds: Dataset, masked: bool, top_band: float) -> None:
+def _mark_deidentified(ds: Dataset, masked: bool, top_band: float, kept_private: bool) -> None:
     """Record what was done, as PS3.15 E.1.1 asks."""
     ds.PatientIdentityRemoved = "YES"
-    method = ["Basic Application Confidentiality Profile", "fetalplanes deidentify"]
+    method = [
+        f"Basic Application Confidentiality Profile (PS3.15 {load_table().edition})",
+        "fetalplanes deidentify",
+    ]
     if masked:
         method.append("pixels outside ultrasound regions zeroed")
     if top_band:
         method.append(f"top band {top_band:g} zeroed")
     ds.DeidentificationMethod = method
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _PROFILE_CODE
-    ds.DeidentificationMethodCodeSequence = [code]
+    codes = []
+    for value in ("113100", "113111") if kept_private else ("113100",):
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = value, "DCM"
+        code.CodeMeaning = _PROFILE_CODES[value]
+        codes.append(code)
+    ds.DeidentificationMethodCodeSequence = codes
     ds.LongitudinalTemporalInformationModified = "REMOVED"
     if str(ds.get("BurnedInAnnotation", "")).upper() != "NO":
         ds.BurnedInAnnotation = "YES"
