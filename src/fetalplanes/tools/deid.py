@@ -17,7 +17,8 @@ What it does, and why:
 - Inputs: every file under a folder is looked at; non-DICOM files, unreadable or
   damaged ones and special files (FIFOs, devices) are each named in the report, and the
   run goes on. A FIFO or device given as the input, or a folder without any DICOM file, is
-  refused (``NothingToDeidentify``); so is an output folder that cannot be created.
+  refused (``NothingToDeidentify``); an output folder that cannot be created or written
+  into is refused before any work (one line naming it and why).
 - Output: pixels are written uncompressed (Explicit VR Little Endian; YBR colour as RGB), since
   masking needs decoded pixels and re-encoding lossy JPEG would degrade the image a second
   time. Outputs are written atomically (temporary file + rename) and existing outputs are
