@@ -131,9 +131,11 @@ def deid(
     """De-identify ultrasound DICOM files: PS3.15 Table E.1-1 basic profile on the header
     (plus a safety net for text no table lists), pixels outside the ultrasound regions zeroed.
 
-    Prints one line per skipped, failed or non-DICOM file on stderr and a summary on stdout.
-    Exits 1 when the input holds no DICOM (a FIFO, a device, a folder without DICOM) or
-    every file failed; 2 when the output cannot be written or overlaps the input.
+    Prints one line per skipped, failed or non-DICOM file on stderr, a summary on stdout.
+
+    Exit 1: no DICOM to work on (a FIFO, a device, a folder without DICOM) or all failed.
+
+    Exit 2: the output cannot be written or lies inside the input.
     """
     from fetalplanes.tools.deid import NothingToDeidentify, deidentify
 

@@ -221,9 +221,9 @@ def _kind(mode: int) -> str:
 
 
 def _os_error_line(exc: OSError) -> str:
-    """'cannot write OUT/x.dcm: permission denied': the path and the reason, no repr."""
-    where = f" {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
-    return f"cannot read or write{where}: {os_error_text(exc)}"
+    """'cannot de-identify (OUT/x.dcm: no space left on device)': path and reason, no repr."""
+    where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+    return f"cannot de-identify ({where}{os_error_text(exc)})"
 
 
 def _inputs(src: Path, report: DeidReport) -> Iterator[tuple[Path, Path]]:

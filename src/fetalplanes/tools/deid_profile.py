@@ -12,17 +12,21 @@ Order of the rules for one attribute (also inside every sequence item, recursive
 1. group length (gggg,0000): removed (it is recomputed on writing);
 2. private (odd group): removed (the table's "(gggg,eeee)" row), unless on
    ``SAFE_PRIVATE``; a private creator stays only while one of its attributes does;
-3. the table's action, with combined actions resolved by ``resolve``; curve (50xx) and
+3. UN (an unknown VR, whose value cannot be judged or replaced): removed;
+4. the table's action, with combined actions resolved by ``resolve``; curve (50xx) and
    overlay (60xx) groups are removed whole (overlays can carry burned-in text);
-4. the safety net, by value representation: person names, free text and AE titles or URIs
+5. the safety net, by value representation: person names, free text and AE titles or URIs
    (PN, LO, SH, LT, ST, UT, UC, AE, UR) are removed unless on ``TEXT_KEEP`` (kept) or
    ``TEXT_EMPTY`` (emptied); dates, times and ages (DA, DT, TM, AS) are removed; binary
-   values (OB, OD, OF, OL, OV, OW) are removed unless on ``BINARY_KEEP``; UN (unknown VR)
-   and public attributes missing from the data dictionary are removed; a UID gets a new
+   values (OB, OD, OF, OL, OV, OW) are removed unless on ``BINARY_KEEP``; public
+   attributes missing from the data dictionary are removed; a UID gets a new
    UID unless it names a definition (``uid_is_definition``) or is a well-known DICOM UID;
    a sequence is kept and its items cleaned by these same rules; what is left (CS, numbers,
    AT) is kept: coded strings hold defined terms (Modality, ImageType,
-   PhotometricInterpretation...) that reading and validating the image need.
+   PhotometricInterpretation...) that reading and validating the image need;
+6. two IOD conditions the table alone would break: ``DEPENDS_ON`` (a Type 1C attribute
+   goes with the attribute it depends on) and ``ANIMAL_TYPE_2`` (emptied, not removed,
+   for an animal patient).
 """
 
 from __future__ import annotations
@@ -245,11 +249,13 @@ def _clean(ds: Dataset, run: ProfileRun, animal: bool = False) -> None:
 def _action(elem: DataElement, table: ProfileTable) -> str:
     """X, Z, D, U or K for a public attribute."""
     tag, vr = elem.tag, _vr(elem)
+    if vr == "UN":
+        return "X"  # an unknown VR: its value cannot be judged, emptied or replaced
     listed = table.action(tag)
     if listed is not None:
         action = resolve(listed)
         return "X" if action == "D" and vr == "SQ" else action
-    if tag.group >> 8 in (0x50, 0x60) or not elem.keyword or vr in _TEMPORAL_VRS | {"UN"}:
+    if tag.group >> 8 in (0x50, 0x60) or not elem.keyword or vr in _TEMPORAL_VRS:
         return "X"
     if vr in _TEXT_VRS:
         return "K" if elem.keyword in TEXT_KEEP else "Z" if elem.keyword in TEXT_EMPTY else "X"
