@@ -149,7 +149,6 @@ class ProfileTable:
     rows: tuple[tuple[str, str, str, str], ...]
     by_tag: dict[int, str] = field(repr=False)
     repeating: tuple[tuple[int, int, str], ...] = field(repr=False)  # (mask, value, action)
-    private_action: str = "X"
 
     def action(self, tag: int) -> str | None:
         """The table's (unresolved) action for ``tag``, or None when it has no row."""
@@ -174,20 +173,18 @@ def load_table() -> ProfileTable:
     )
     if str(len(rows)) != meta.get("rows"):
         raise RuntimeError(f"{TABLE_FILE}: {len(rows)} rows, its header says {meta.get('rows')}")
-    by_tag, repeating, private = {}, [], "X"
+    by_tag, repeating = {}, []
     for tag, _, _, action in rows:
         if tag == PRIVATE_ROW:
-            private = action
-        elif "x" in tag:
+            continue  # private tags are handled before any lookup (always X, see above)
+        if "x" in tag:
             digits = tag[1:5] + tag[6:10]
             mask = int("".join("0" if c == "x" else "F" for c in digits), 16)
             repeating.append((mask, int(digits.replace("x", "0"), 16), action))
         else:
             by_tag[int(tag[1:5] + tag[6:10], 16)] = action
-    return ProfileTable(
-        meta.get("edition", "unknown"), meta.get("source", ""), rows, by_tag,
-        tuple(repeating), private,
-    )  # fmt: skip
+    edition, source = meta.get("edition", "unknown"), meta.get("source", "")
+    return ProfileTable(edition, source, rows, by_tag, tuple(repeating))
 
 
 def resolve(action: str) -> str:
