@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -269,4 +270,85 @@ def bomb_dicom(path: str | Path, size: int = 9000) -> Path:
         for start in range(0, n_bytes, len(chunk)):
             f.write(deflate.compress(chunk[: min(len(chunk), n_bytes - start)]))
         f.write(deflate.flush())
+    return path
+
+
+# ------------------------------------------------------------------ hostile files
+def _patch_sof(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG or JPEG-LS frame whose start-of-frame segment claims `width` x `height`."""
+    out = bytearray(data)
+    i = 2
+    while out[i + 1] not in (0xC0, 0xC1, 0xC2, 0xC3, 0xF7):
+        i += 2 + int.from_bytes(out[i + 2 : i + 4], "big")
+    out[i + 5 : i + 9] = struct.pack(">HH", height, width)
+    return bytes(out)
+
+
+def _rle_runs(n_bytes: int) -> bytes:
+    """One RLE segment of replicate runs (2 bytes for 128 zeros) decoding to `n_bytes`."""
+    return b"\x81\x00" * (n_bytes // 128)
+
+
+HOSTILE = (
+    "jpeg-sof-12000", "jpeg-ls-sof-12000", "rle-segments", "rle-overflow", "frames-3m",
+    "frames-50", "bot-short", "native-frames-3m", "deflated-frames", "region-inverted",
+    "frames-fraction", "odd-values",
+)
+"""Kinds `hostile_dicom` writes: each has a header that the data cannot back."""
+
+
+def hostile_dicom(path: str | Path, kind: str, frame: np.ndarray) -> Path:
+    """A small DICOM file of kind `kind` (see ``HOSTILE``) made from a real grey `frame`.
+
+    Each starts as a valid file from ``write_dicom`` and is then given a header that its
+    data contradicts: a JPEG fragment claiming 12000 x 12000 pixels in a 64 x 64 file,
+    NumberOfFrames 3,000,000 over 1 KB, an inverted ultrasound region box...
+    """
+    with warnings.catch_warnings():
+        return _hostile(Path(path), kind, frame)
+
+
+def _hostile(path: Path, kind: str, frame: np.ndarray) -> Path:
+    import pydicom
+    from pydicom.dataelem import DataElement
+    from pydicom.encaps import generate_frames
+
+    small = np.ascontiguousarray(frame[:64, :64])
+    syntax = {"jpeg-ls-sof-12000": "jpeg-ls", "rle-segments": "rle", "rle-overflow": "rle",
+              "native-frames-3m": "explicit", "deflated-frames": "deflated",
+              "region-inverted": "explicit"}.get(kind, "jpeg-baseline")
+    regions = [(50, 40, 5, 4, 0.01, 0.01)] if kind == "region-inverted" else ()
+    write_dicom(path, [small], transfer_syntax=syntax, regions=regions)
+    if kind == "region-inverted":
+        return path
+    ds = pydicom.dcmread(path)
+    warnings.simplefilter("ignore")  # (inside catch_warnings below) the odd values are the point
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        (encoded,) = list(generate_frames(ds.PixelData, number_of_frames=1))
+    if kind in ("jpeg-sof-12000", "jpeg-ls-sof-12000"):
+        ds.PixelData = encapsulate([_patch_sof(encoded, 12000, 12000)], has_bot=True)
+    elif kind == "rle-segments":  # a 3-segment (RGB) table in a grey file
+        ds.PixelData = encapsulate([struct.pack("<I", 3) + encoded[4:]], has_bot=True)
+    elif kind == "rle-overflow":  # 1 segment of 4 MB of runs: 256 MB decoded in a 64x64 file
+        segment = _rle_runs(256 * 2**20)
+        header = struct.pack("<16I", 1, 64, *([0] * 14))
+        ds.PixelData = encapsulate([header + segment], has_bot=True)
+    elif kind in ("frames-3m", "frames-50"):
+        ds.NumberOfFrames = 3_000_000 if kind == "frames-3m" else 50
+        ds.PixelData = encapsulate([encoded], has_bot=False)
+    elif kind == "bot-short":  # a Basic Offset Table of 1 entry for 50 frames
+        ds.NumberOfFrames = 50
+        ds.PixelData = encapsulate([encoded], has_bot=True)
+    elif kind in ("native-frames-3m", "deflated-frames"):
+        ds.NumberOfFrames = 3_000_000
+    elif kind == "frames-fraction":  # not a whole number: pydicom warns "Invalid value for VR IS"
+        ds["NumberOfFrames"] = DataElement(0x00280008, "IS", b"2.5 ")
+    elif kind == "odd-values":  # harmless odd values pydicom warns about; the file is fine
+        ds["InstanceNumber"] = DataElement(0x00200013, "IS", b"1.5 ")
+        ds.FrameTime = "12.3456"  # made "fast" below (pydicom cannot write that)
+    else:
+        raise ValueError(f"unknown hostile kind {kind!r}")
+    ds.save_as(path)
+    if kind == "odd-values":
+        path.write_bytes(path.read_bytes().replace(b"12.3456 ", b"fast    "))
     return path

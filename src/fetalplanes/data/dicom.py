@@ -13,7 +13,16 @@ Why it is careful:
   compressed data can claim gigabytes of pixels (a decompression bomb), so frames over
   ``MAX_PIXELS`` pixels or ``MAX_FRAME_BYTES`` decoded bytes are refused up front. Deflated
   files are inflated on demand (pydicom would inflate the whole file just to read the header).
+- The header is also checked against the data itself, since only the data decides what a
+  decoder allocates: NumberOfFrames must fit in the fragments (or the basic/extended offset
+  table, or the bytes a deflated stream can inflate to), and each compressed frame's own
+  header (JPEG and JPEG-LS start of frame, JPEG 2000 SIZ, RLE segment table) must agree
+  with Rows, Columns, SamplesPerPixel and BitsAllocated before its decoder runs. A 1 KB
+  fragment whose JPEG claims 12000 x 12000 pixels is refused in one line, not decoded.
 - Frames are decoded one at a time, so a long cine loop needs the memory of one frame.
+- pydicom's warnings (an IS value that is not a number...) never reach stderr: they are
+  kept in ``DicomFile.warnings`` (one line each) for a caller to show, as are notes such as
+  an ultrasound region with an inverted box (then ``bmode_region()`` is None).
 - A missing decoder is reported with the exact ``pip install`` line, not a traceback.
 - ``DicomFile`` keeps only what imaging needs (pixel format, frame timing, ultrasound regions):
   no patient identity is stored in it or printed in its messages.
@@ -21,8 +30,12 @@ Why it is careful:
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
+import math
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import closing
@@ -33,6 +46,7 @@ from typing import BinaryIO
 import numpy as np
 from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import get_decoder, iter_pixels, pixel_array
 from pydicom.pixels.utils import get_expected_length
@@ -66,6 +80,10 @@ MAX_FRAME_BYTES = 256 * 2**20
 """Largest decoded size of one frame in bytes."""
 MAX_ELEMENT_BYTES = 64 * 2**20
 """Largest header element read (a deflated header could otherwise inflate without bound)."""
+MAX_NOTES = 8
+"""Most warnings kept per file (a damaged header can repeat the same one for every value)."""
+_DEFLATE_RATIO = 1032
+"""Most bytes one deflated byte can inflate to (zlib's limit): bounds a Deflated file's data."""
 
 PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422")
 _PIXEL_DATA = 0x7FE00010
@@ -79,6 +97,23 @@ _BOX_KEYWORDS = (
     "RegionLocationMaxY1",
 )
 Frames = Iterator[tuple[int, np.ndarray]]
+
+_RLE = "1.2.840.10008.1.2.5"
+_JPEG_LS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_JPEG = frozenset(
+    {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+     "1.2.840.10008.1.2.4.70"}
+) | _JPEG_LS
+_J2K = frozenset(
+    {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+     "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+)
+#: JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55.
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
+                  0xF7})
+#: JPEG markers without a length field (TEM, RST0-7).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
 
 _PYLIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
 _OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
@@ -233,6 +268,7 @@ class _Header:
     syntax: UID
     pixel_offset: int | None  # stream offset of the pixel data value; None: no pixel data
     pixel_length: int  # declared, or what the file really holds when that is less
+    file_size: int = 0  # bytes of the file (of the deflated stream for Deflated files)
 
 
 def _open(source: bytes | str | Path) -> BinaryIO:
@@ -256,6 +292,8 @@ def _guard(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 def _read_header(f: BinaryIO, name: str) -> tuple[_Header, BinaryIO]:
     """Parse everything before the pixel data; return it and the stream positioned there."""
+    file_size = f.seek(0, io.SEEK_END)
+    f.seek(0)
     head = f.read(4096)
     if not (head[128:132] == b"DICM" or _starts_like_dataset(head)):
         raise ImageError(f"{name}: not a DICOM file (no 'DICM' marker and no readable header)")
@@ -288,7 +326,7 @@ def _read_header(f: BinaryIO, name: str) -> tuple[_Header, BinaryIO]:
     if offset is not None and stream is f and length != _UNDEFINED:
         length = min(length, f.seek(0, io.SEEK_END) - offset)  # bytes really in the file
         f.seek(offset)
-    return _Header(ds, syntax, offset, length), stream
+    return _Header(ds, syntax, offset, length, file_size), stream
 
 
 def _read_meta(f: BinaryIO) -> FileMetaDataset:
@@ -328,8 +366,10 @@ def read_header(source: bytes | str | Path, name: str | None = None) -> Dataset:
     """The full header (everything before the pixel data), with the same guards as
     ``open_dicom``. It holds patient identity: meant for de-identification tools only."""
     label = _display_name(source, name)
-    with _open(source) as f:
-        header, _ = _read_header(f, label)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's notes on odd values: never raw on stderr
+        with _open(source) as f:
+            header, _ = _read_header(f, label)
     return header.ds
 
 
@@ -341,25 +381,49 @@ def open_dicom(source: bytes | str | Path, name: str | None = None) -> DicomFile
     and missing decoder plugins (with the ``pip install`` line that fixes it).
     """
     label = _display_name(source, name)
-    try:
-        with _open(source) as f:
-            header, _ = _read_header(f, label)
-    except OSError as exc:
-        raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
-    except ImageError:
-        raise
-    except Exception as exc:  # pydicom on a damaged header: NotImplementedError, struct...
-        raise ImageError(f"{label}: damaged DICOM header ({_first_line(exc)})") from None
-    try:
-        _validate(header, label)
-        return DicomFile(source, label, header)
-    except ImageError:
-        raise
-    except Exception as exc:  # e.g. a text where a number belongs, an unknown VR
-        raise ImageError(f"{label}: malformed DICOM attributes ({_first_line(exc)})") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # kept as notes, never printed raw
+        try:
+            with _open(source) as f:
+                header, _ = _read_header(f, label)
+                extended = _validate(header, label)
+                if header.syntax.is_encapsulated:
+                    _check_fragments(f, header, extended, label)
+            dcm = DicomFile(source, label, header)
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
+        except ImageError as exc:
+            raise ImageError(_with_note(str(exc), caught)) from None
+        except Exception as exc:  # e.g. a text where a number belongs, an unknown VR
+            why = f"{label}: malformed DICOM attributes ({_first_line(exc)})"
+            raise ImageError(_with_note(why, caught)) from None
+    dcm.warnings[:0] = _notes(caught)
+    del dcm.warnings[MAX_NOTES:]
+    return dcm
 
 
-def _validate(header: _Header, name: str) -> None:
+def _notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Recorded warnings as distinct one-line notes, first seen first."""
+    notes: list[str] = []
+    for w in caught:
+        text = _first_line(w.message) if isinstance(w.message, Exception) else str(w.message)
+        text = " ".join(text.split()).split(" Please see ")[0][:200]  # no link to the standard
+        if text and text not in notes:
+            notes.append(text)
+    return notes
+
+
+def _with_note(message: str, caught: list[warnings.WarningMessage]) -> str:
+    """`message` with pydicom's first warning folded in, when there was one: it often says
+    which value was wrong ("Invalid value for VR IS: '2.5x'")."""
+    notes = _notes(caught)
+    if not notes or notes[0] in message:
+        return message
+    return f"{message} (pydicom: {notes[0]})"
+
+
+def _validate(header: _Header, name: str) -> tuple[list[int], list[int]] | None:
+    """Header checks before any pixel is read; the Extended Offset Table, if the file has one."""
     ds = header.ds
     if header.pixel_offset is None:
         raise ImageError(f"{name}: DICOM file has no pixel data")
@@ -388,8 +452,110 @@ def _validate(header: _Header, name: str) -> None:
             f"(supported: {', '.join(PHOTOMETRICS)})"
         )
     _check_decoder(header.syntax, name)
+    n_frames = number_of_frames(ds, name)
     if not header.syntax.is_encapsulated:
-        _check_native_length(header, name)
+        _check_native_length(header, name, n_frames)
+        return None
+    return _extended_offsets(ds, name)
+
+
+def number_of_frames(ds: Dataset, name: str) -> int:
+    """NumberOfFrames as a whole number >= 1 (1 when absent); ImageError for anything else."""
+    value = ds.get("NumberOfFrames")
+    if value in (None, ""):
+        return 1
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number == int(number) and number >= 1):
+        raise ImageError(f"{name}: NumberOfFrames '{value}' is not a whole number >= 1")
+    return int(number)
+
+
+def _extended_offsets(ds: Dataset, name: str) -> tuple[list[int], list[int]] | None:
+    """(offsets, lengths) of the Extended Offset Table (7FE0,0001/0002), when present."""
+    offsets, lengths = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+    if not offsets:
+        return None
+    if not lengths or len(offsets) != len(lengths) or len(offsets) % 8:
+        raise ImageError(f"{name}: malformed Extended Offset Table (offsets and lengths differ)")
+    count = len(offsets) // 8
+    return list(struct.unpack(f"<{count}Q", offsets)), list(struct.unpack(f"<{count}Q", lengths))
+
+
+def _check_fragments(
+    f: BinaryIO, header: _Header, extended: tuple[list[int], list[int]] | None, name: str
+) -> None:
+    """NumberOfFrames must fit in what the encapsulated data can hold: the offset table's
+    entries, or (without one) its fragments, since every frame takes at least one. Counting
+    reads only the 8-byte item headers and stops at NumberOfFrames, so a file claiming
+    3,000,000 frames over 1 KB is refused at once, not expanded into 3,000,000 items."""
+    n_frames = number_of_frames(header.ds, name)
+    start = header.pixel_offset or 0
+    size = header.file_size - start
+    f.seek(start)
+    try:
+        basic = _basic_offsets(f, size)
+    except (ValueError, struct.error) as exc:
+        raise ImageError(
+            f"{name}: malformed encapsulated pixel data ({_first_line(exc)})"
+        ) from None
+    if extended is not None:
+        offsets, lengths = extended
+        if any(o + n > size for o, n in zip(offsets, lengths, strict=True)):
+            raise ImageError(f"{name}: Extended Offset Table points past the end of the file")
+        capacity, what = len(offsets), "Extended Offset Table offsets"
+    elif basic:
+        if any(b <= a for a, b in itertools.pairwise(basic)) or basic[-1] >= size:
+            raise ImageError(
+                f"{name}: malformed Basic Offset Table (offsets out of order or past the end "
+                "of the file)"
+            )
+        capacity, what = len(basic), "Basic Offset Table offsets"
+    else:
+        capacity, what = _count_fragments(f, n_frames, header.file_size, name), "fragments"
+    if n_frames > capacity:
+        raise ImageError(
+            f"{name}: NumberOfFrames is {n_frames:,} but the pixel data holds only "
+            f"{capacity:,} {what if capacity != 1 else what[:-1]}; refusing to read it"
+        )
+
+
+def _basic_offsets(f: BinaryIO, size: int) -> list[int]:
+    """The Basic Offset Table's offsets (empty: none); its length is checked against `size`
+    before it is read."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError("no Basic Offset Table item")
+    group, element, length = struct.unpack("<HHI", head)
+    if (group << 16 | element) != _ITEM:
+        raise ValueError(f"found tag ({group:04X},{element:04X}) where the offset table belongs")
+    if length % 4 or length > size:
+        raise ValueError(f"Basic Offset Table of {length:,} bytes")
+    return list(struct.unpack(f"<{length // 4}I", f.read(length))) if length else []
+
+
+def _count_fragments(f: BinaryIO, limit: int, end: int, name: str) -> int:
+    """Fragments after the offset table, counted up to `limit` from their item headers."""
+    count = 0
+    while count < limit:
+        head = f.read(8)
+        if len(head) < 8:
+            break
+        group, element, length = struct.unpack("<HHI", head)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            break
+        if tag != _ITEM or length == _UNDEFINED:
+            raise ImageError(
+                f"{name}: malformed encapsulated pixel data (fragment {count + 1} has tag "
+                f"({group:04X},{element:04X}) or an undefined length)"
+            )
+        count += 1
+        if f.seek(length, io.SEEK_CUR) >= end:
+            break
+    return count
 
 
 def _check_decoder(syntax: UID, name: str) -> None:
@@ -407,15 +573,25 @@ def _check_decoder(syntax: UID, name: str) -> None:
         raise ImageError(f"{name}: {label} needs a decoder plugin: {install}")
 
 
-def _check_native_length(header: _Header, name: str) -> None:
+def _check_native_length(header: _Header, name: str, n_frames: int) -> None:
+    """The frames the header declares must be in the file: its PixelData value as written
+    (capped at the bytes really there), or what a Deflated file can inflate to."""
     if header.pixel_length == _UNDEFINED:
         raise ImageError(f"{name}: uncompressed pixel data has an undefined length (corrupt file)")
     expected = get_expected_length(_pixel_dataset(header.ds), "bytes")
+    frames = f" for {n_frames:,} frames" if n_frames > 1 else ""
     if header.pixel_length < expected:
         raise ImageError(
             f"{name}: pixel data is truncated ({header.pixel_length:,} bytes, "
-            f"expected {expected:,})"
+            f"expected {expected:,}{frames})"
         )
+    if header.syntax == DeflatedExplicitVRLittleEndian:
+        most = header.file_size * _DEFLATE_RATIO
+        if expected > most:
+            raise ImageError(
+                f"{name}: pixel data is truncated ({header.file_size:,} deflated bytes cannot "
+                f"hold the {expected:,} bytes declared{frames})"
+            )
 
 
 def _pixel_dataset(ds: Dataset) -> Dataset:
@@ -430,24 +606,61 @@ def _pixel_dataset(ds: Dataset) -> Dataset:
     return out
 
 
-def _parse_regions(ds: Dataset) -> list[UltrasoundRegion]:
+def _parse_regions(ds: Dataset, notes: list[str]) -> list[UltrasoundRegion]:
+    """The declared regions; an item with unreadable values is left out with a note."""
     regions = []
-    for item in ds.get("SequenceOfUltrasoundRegions", []):
+    for number, item in enumerate(ds.get("SequenceOfUltrasoundRegions", None) or [], 1):
         box = [item.get(k) for k in _BOX_KEYWORDS]
         if any(v is None or v == "" for v in box):
             continue
-        regions.append(
-            UltrasoundRegion(
-                *(int(v) for v in box),
-                spatial_format=int(item.get("RegionSpatialFormat", 0) or 0),
-                data_type=int(item.get("RegionDataType", 0) or 0),
-                units_x=_int_or_none(item.get("PhysicalUnitsXDirection")),
-                units_y=_int_or_none(item.get("PhysicalUnitsYDirection")),
-                delta_x=_float_or_none(item.get("PhysicalDeltaX")),
-                delta_y=_float_or_none(item.get("PhysicalDeltaY")),
+        try:
+            regions.append(
+                UltrasoundRegion(
+                    *(int(v) for v in box),
+                    spatial_format=int(item.get("RegionSpatialFormat", 0) or 0),
+                    data_type=int(item.get("RegionDataType", 0) or 0),
+                    units_x=_int_or_none(item.get("PhysicalUnitsXDirection")),
+                    units_y=_int_or_none(item.get("PhysicalUnitsYDirection")),
+                    delta_x=_float_or_none(item.get("PhysicalDeltaX")),
+                    delta_y=_float_or_none(item.get("PhysicalDeltaY")),
+                )
             )
-        )
+        except (TypeError, ValueError, OverflowError) as exc:
+            notes.append(f"ultrasound region {number} is unreadable ({_first_line(exc)}); ignored")
     return regions
+
+
+def _clipped(region: UltrasoundRegion, width: int, height: int) -> UltrasoundRegion | None:
+    """`region` with its (inclusive) box clipped to the frame; None when the box is inverted
+    or empty, or nothing of it is inside the frame."""
+    if not (region.x0 < region.x1 and region.y0 < region.y1):
+        return None
+    x0, y0 = max(region.x0, 0), max(region.y0, 0)
+    x1, y1 = min(region.x1, width - 1), min(region.y1, height - 1)
+    if not (x0 < x1 and y0 < y1):
+        return None
+    return dataclasses.replace(region, x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def _bmode(
+    regions: list[UltrasoundRegion], width: int, height: int, notes: list[str]
+) -> UltrasoundRegion | None:
+    """The largest valid 2D tissue region (spatial format 1, data type 1), clipped to the
+    frame; a tissue region with a bad box gets a note and is passed over."""
+    valid = []
+    for number, region in enumerate(regions, 1):
+        if region.spatial_format != 1 or region.data_type != 1:
+            continue
+        clipped = _clipped(region, width, height)
+        if clipped is None:
+            box = f"({region.x0},{region.y0})-({region.x1},{region.y1})"
+            notes.append(
+                f"ultrasound region {number}: box {box} is inverted, empty or outside the "
+                f"{width}x{height} frame; ignored (the image is cropped by the usual guess)"
+            )
+        else:
+            valid.append(clipped)
+    return max(valid, key=lambda r: r.area, default=None)
 
 
 def _int_or_none(value: object) -> int | None:
@@ -458,15 +671,131 @@ def _float_or_none(value: object) -> float | None:
     return None if value in (None, "") else float(value)  # type: ignore[arg-type]
 
 
-def _frame_rate(ds: Dataset) -> float | None:
-    """Frames per second: FrameTime (ms) first, then CineRate, then the display rate."""
-    frame_time = _float_or_none(ds.get("FrameTime"))
-    if frame_time:
-        return 1000.0 / frame_time
-    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
-        rate = _float_or_none(ds.get(keyword))
-        if rate:
-            return rate
+def _frame_rate(ds: Dataset, notes: list[str]) -> float | None:
+    """Frames per second: FrameTime (ms) first, then CineRate, then the display rate.
+    A value that is not a positive finite number is passed over with a note."""
+    for keyword in ("FrameTime", "CineRate", "RecommendedDisplayFrameRate"):
+        try:
+            value = _float_or_none(ds.get(keyword))
+        except (TypeError, ValueError):
+            notes.append(f"{keyword} '{ds.get(keyword)}' is not a number; ignored")
+            continue
+        if value is not None and math.isfinite(value) and value > 0:
+            return 1000.0 / value if keyword == "FrameTime" else value
+    return None
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, rows, columns, components) from a JPEG or JPEG-LS start-of-frame segment,
+    walking the marker segments before it; None when there is none before the scan."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:  # every step moves forward, so this ends
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF:
+            if length < 8 or i + 10 > n:
+                return None
+            rows = int.from_bytes(data[i + 5 : i + 7], "big")
+            return data[i + 4], rows, int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9]
+        i += 2 + max(length, 2)
+    return None
+
+
+def _j2k_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, rows, columns, components) from a JPEG 2000 codestream's SIZ segment
+    (a bare codestream, or one inside JP2 boxes near the start)."""
+    at = data.find(b"\xff\x4f\xff\x51", 0, 4096)
+    siz = data[at + 4 : at + 43] if at >= 0 else b""
+    if len(siz) < 39:
+        return None
+    _, _, xsiz, ysiz, x0, y0, _, _, _, _, comps = struct.unpack(">HHIIIIIIIIH", siz[:38])
+    return (siz[38] & 0x7F) + 1, ysiz - y0, xsiz - x0, comps
+
+
+def _rle_overflows(data: bytes, start: int, end: int, limit: int) -> bool:
+    """Whether the RLE segment data[start:end] decodes to more than `limit` bytes, counted
+    from its run headers without decoding (a 2-byte run can stand for 128 bytes)."""
+    if (end - start + 1) // 2 * 128 <= limit:
+        return False
+    total, pos = 0, start
+    while pos < end:
+        n = data[pos]
+        if n > 128:  # the next byte, 257 - n times
+            total, pos = total + 257 - n, pos + 2
+        elif n < 128:  # the next n + 1 bytes as they are
+            total, pos = total + n + 1, pos + n + 2
+        else:
+            pos += 1
+        if total > limit:
+            return True
+    return False
+
+
+def _rle_problem(data: bytes, rows: int, columns: int, samples: int, bits: int) -> str | None:
+    """Why an RLE frame's header (PS3.5 G.5: segment count, 15 offsets) disagrees with the
+    DICOM header, or None. Each segment holds one byte of every pixel of one sample."""
+    if len(data) < 64:
+        return f"its RLE header is cut short ({len(data)} bytes of 64)"
+    header = struct.unpack("<16I", data[:64])
+    count, want = header[0], samples * max(bits // 8, 1)
+    if count != want:
+        return (
+            f"its RLE header lists {count} segments, but the DICOM header needs {want} "
+            f"(SamplesPerPixel {samples} x BitsAllocated {bits} / 8)"
+        )
+    offsets = list(header[1 : 1 + count])
+    ends = [*offsets[1:], len(data)]
+    if offsets[0] < 64 or any(b <= a for a, b in zip(offsets, ends, strict=True)):
+        return "its RLE segment offsets are out of order or past the end of the frame"
+    limit = rows * columns + 128  # a pad run beyond Rows x Columns is tolerated
+    for number, (a, b) in enumerate(zip(offsets, ends, strict=True), 1):
+        if _rle_overflows(data, a, b, limit):
+            return (
+                f"RLE segment {number} decodes to more than the {rows * columns:,} bytes "
+                f"of the DICOM header's {columns}x{rows} (Columns x Rows)"
+            )
+    return None
+
+
+def frame_problem(
+    syntax: str, data: bytes, rows: int, columns: int, samples: int, bits: int
+) -> str | None:
+    """Why one compressed frame must not be decoded, from its own header, or None.
+
+    The decoder allocates what the frame's header says, not what the DICOM header says, so
+    they must agree (Columns x Rows, SamplesPerPixel, BitsAllocated): then a frame can never
+    be over the ``MAX_PIXELS`` / ``MAX_FRAME_BYTES`` limits the DICOM header was checked
+    against. Checks JPEG and JPEG-LS (SOF), JPEG 2000 (SIZ) and RLE (segment table).
+    """
+    if syntax == _RLE:
+        return _rle_problem(data, rows, columns, samples, bits)
+    if syntax in _JPEG:
+        kind, head = ("JPEG-LS" if syntax in _JPEG_LS else "JPEG"), _jpeg_header(data)
+    elif syntax in _J2K:
+        kind, head = "JPEG 2000", _j2k_header(data)
+    else:
+        return None
+    if head is None:
+        return f"no {kind} frame header (start of frame) before its image data"
+    precision, height, width, comps = head
+    if (width, height, comps) != (columns, rows, samples) or not 0 < precision <= bits:
+        return (
+            f"its {kind} header says {width}x{height} pixels, {comps} component(s) of "
+            f"{precision} bits, but the DICOM header says {columns}x{rows}, {samples} of "
+            f"{bits} (Columns x Rows, SamplesPerPixel, BitsAllocated)"
+        )
     return None
 
 
@@ -487,7 +816,8 @@ class DicomFile:
     """A validated DICOM file whose frames are decoded one at a time on request.
 
     Holds the source (path or bytes), the pixel format, frame timing and ultrasound regions;
-    never the patient identity.
+    never the patient identity. ``warnings`` holds one-line notes for the user (pydicom's
+    warnings on odd values, a region box that was ignored), never printed here.
     """
 
     def __init__(self, source: bytes | str | Path, name: str, header: _Header) -> None:
@@ -495,15 +825,19 @@ class DicomFile:
         self._source = source
         self._syntax = header.syntax
         self._pixels = _pixel_dataset(ds)
+        self._pixel_offset = header.pixel_offset or 0
+        self._extended = _extended_offsets(ds, name) if header.syntax.is_encapsulated else None
         self.name = name
+        self.warnings: list[str] = []
         self.rows = int(ds.Rows)
         self.columns = int(ds.Columns)
         self.samples = int(ds.get("SamplesPerPixel", 1) or 1)
         self.bits_allocated = int(ds.BitsAllocated)
         self.photometric = str(ds.PhotometricInterpretation).strip()
-        self.n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        self.fps = _frame_rate(ds)
-        self.regions = _parse_regions(ds)
+        self.n_frames = number_of_frames(ds, name)
+        self.fps = _frame_rate(ds, self.warnings)
+        self.regions = _parse_regions(ds, self.warnings)
+        self._bmode = _bmode(self.regions, self.columns, self.rows, self.warnings)
 
     @property
     def transfer_syntax(self) -> str:
@@ -511,9 +845,12 @@ class DicomFile:
         return self._syntax.name
 
     def bmode_region(self) -> UltrasoundRegion | None:
-        """The largest 2D tissue region (spatial format 1, data type 1), if declared."""
-        tissue = [r for r in self.regions if r.spatial_format == 1 and r.data_type == 1]
-        return max(tissue, key=lambda r: r.area, default=None)
+        """The largest 2D tissue region (spatial format 1, data type 1), clipped to the frame.
+
+        None when none is declared, or when each declared one has an inverted, empty or
+        off-frame box (a note in ``warnings`` says so): the caller then guesses the crop.
+        """
+        return self._bmode
 
     def spacing_mm(self) -> tuple[float, float] | None:
         """(dy, dx) in mm per pixel from the B-mode region, when it is calibrated in cm."""
@@ -521,6 +858,8 @@ class DicomFile:
         if region is None or region.delta_x is None or region.delta_y is None:
             return None
         if region.units_x != _CM or region.units_y != _CM:
+            return None
+        if not (math.isfinite(region.delta_x) and math.isfinite(region.delta_y)):
             return None
         return abs(region.delta_y) * 10.0, abs(region.delta_x) * 10.0
 
@@ -542,35 +881,98 @@ class DicomFile:
         return self._decode(range(0, self.n_frames, every), as_uint8)
 
     def _decode(self, indices: list[int] | range, as_uint8: bool) -> Frames:
-        done = 0
+        """Frames at ascending `indices`; each decoded with pydicom's warnings kept as notes,
+        any failure one ImageError naming the file and the frame."""
+        if self._is_deflated:
+            arrays = self._deflated(indices)
+        elif self._syntax.is_encapsulated:
+            arrays = self._encapsulated(indices)
+        else:
+            arrays = self._pydicom(indices)
         try:
-            arrays = self._deflated(indices) if self._is_deflated else self._pydicom(indices)
-            for index, arr in zip(indices, arrays, strict=True):
+            for index in indices:
+                arr = self._decode_one(index, arrays)
                 yield index, self._finish(arr, as_uint8)
-                done += 1
-        except ImageError:
-            raise
-        except Exception as exc:
-            failed = indices[min(done, len(indices) - 1)]
-            raise ImageError(
-                f"{self.name}: cannot decode frame {failed} ({self.transfer_syntax}): "
-                f"{_first_line(exc)}"
-            ) from None
+        finally:
+            arrays.close()
+
+    def _decode_one(self, index: int, arrays: Iterator[np.ndarray]) -> np.ndarray:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return next(arrays)
+            except ImageError:
+                raise
+            except StopIteration:
+                missing = f"{self.name}: frame {index} is missing from the pixel data"
+                raise ImageError(missing) from None
+            except Exception as exc:
+                raise ImageError(
+                    f"{self.name}: cannot decode frame {index} ({self.transfer_syntax}): "
+                    f"{_first_line(exc)}"
+                ) from None
+            finally:
+                self._note(caught)
+
+    def _note(self, caught: list[warnings.WarningMessage]) -> None:
+        for note in _notes(caught):
+            if note not in self.warnings and len(self.warnings) < MAX_NOTES:
+                self.warnings.append(note)
 
     @property
     def _is_deflated(self) -> bool:
         return self._syntax == DeflatedExplicitVRLittleEndian
 
     def _pydicom(self, indices: list[int] | range) -> Iterator[np.ndarray]:
-        """Frames decoded by pydicom straight from the file, one at a time."""
+        """Uncompressed frames, read by pydicom straight from the file, one at a time."""
         with _open(self._source) as f:
             yield from iter_pixels(f, indices=indices, transfer_syntax_uid=self._syntax)
 
-    def _deflated(self, indices: list[int] | range) -> Iterator[np.ndarray]:
-        """Frames of a Deflated file, inflated one at a time (pydicom would inflate all)."""
+    def _encapsulated(self, indices: list[int] | range) -> Iterator[np.ndarray]:
+        """Compressed frames, one at a time: each frame's own header is checked against the
+        DICOM header (``frame_problem``) before its decoder may allocate anything."""
+        single = self._single_frame(self._syntax)
+        wanted = list(indices)
+        with _open(self._source) as f:
+            f.seek(self._pixel_offset)
+            if len(wanted) == 1:
+                data = get_frame(
+                    f, wanted[0], number_of_frames=self.n_frames,
+                    extended_offsets=self._extended,
+                )
+                yield self._decode_compressed(single, wanted[0], data)
+                return
+            frames = generate_frames(
+                f, number_of_frames=self.n_frames, extended_offsets=self._extended
+            )
+            todo = iter(wanted)
+            want = next(todo, None)
+            for index, data in enumerate(frames):
+                if want is None:
+                    return
+                if index == want:
+                    yield self._decode_compressed(single, index, data)
+                    want = next(todo, None)
+
+    def _decode_compressed(self, single: Dataset, index: int, data: bytes) -> np.ndarray:
+        problem = frame_problem(
+            str(self._syntax), data, self.rows, self.columns, self.samples, self.bits_allocated
+        )
+        if problem:
+            raise ImageError(f"{self.name}: frame {index}: {problem}; refusing to decode it")
+        single.PixelData = encapsulate([data])
+        return pixel_array(single)
+
+    def _single_frame(self, syntax: UID) -> Dataset:
+        """The pixel attributes of one frame in `syntax`, to decode frames one at a time."""
         single = _pixel_dataset(self._pixels)
         single.NumberOfFrames = 1
-        single.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        single.file_meta.TransferSyntaxUID = syntax
+        return single
+
+    def _deflated(self, indices: list[int] | range) -> Iterator[np.ndarray]:
+        """Frames of a Deflated file, inflated one at a time (pydicom would inflate all)."""
+        single = self._single_frame(ExplicitVRLittleEndian)
         frame_bytes = get_expected_length(single, "bytes")
         with _open(self._source) as f:
             header, stream = _read_header(f, self.name)
