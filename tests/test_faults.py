@@ -665,6 +665,8 @@ def test_read_image_and_listing_name_each_fault(
     bad = kind.make(tmp_path, monkeypatch)
     errors: list[str] = []
     listed = list_images([bad] if kind.explicit else [tmp_path], errors=errors)
+    # a walk also names the other entries it leaves out (the loop's other half): one each
+    errors = [e for e in errors if e.startswith(f"{bad}:")]
     if bad in listed or (kind.explicit and not errors):
         with pytest.raises(ImageError) as info:
             read_image(bad)

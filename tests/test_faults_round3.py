@@ -262,3 +262,89 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+
+
+# ------------------------------------------------------------------ folder walks
+
+
+def bare_dicom(path: Path, frame: np.ndarray) -> Path:
+    """A DICOM data set written from byte 0 in implicit VR little endian: no preamble, no
+    'DICM', no file meta (old exports and some PACS dumps), under an extension-less name."""
+    import pydicom
+    from dicomfiles import write_dicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(write_dicom(path.with_suffix(".tmp"), [frame], transfer_syntax="implicit"))
+    path.with_suffix(".tmp").unlink()
+    del ds.file_meta
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.fixture()
+def export(tmp_path: Path) -> Path:
+    """A scanner export: DICOM without extensions (as in a DICOMDIR export), .dicom, .jfif
+    and .gif files, a DICOMDIR, notes, hidden files and fetalplanes' own outputs."""
+    from dicomfiles import write_dicom
+
+    frame = grey_frame()
+    folder = tmp_path / "export"
+    (folder / "DICOM" / "ST000001").mkdir(parents=True)
+    write_dicom(folder / "DICOM" / "ST000001" / "IM000001", [frame], transfer_syntax="explicit")
+    bare_dicom(folder / "DICOM" / "ST000001" / "IM000002", frame)
+    write_dicom(folder / "scan.dicom", [frame], transfer_syntax="jpeg-baseline")
+    Image.fromarray(frame).save(folder / "scan.jfif", "JPEG")
+    Image.fromarray(frame).save(folder / "scan.gif")
+    dicomdir = write_dicom(folder / "x.dcm", [frame]).read_bytes()  # a DICOM file by content
+    (folder / "DICOMDIR").write_bytes(dicomdir)
+    (folder / "x.dcm").unlink()
+    (folder / "notes.txt").write_text("patient moved; repeat the femur\n")
+    # group 0008 at byte 0, but a first element of 9,999 bytes: not taken for DICOM
+    (folder / "IM000003.bak").write_bytes(b"\x08\x00\x05\x00\x0f\x27\x00\x00" + bytes(200))
+    (folder / ".DS_Store").write_bytes(b"\0" * 64)
+    (folder / "predictions.csv").write_text("path,label\n")
+    return folder
+
+
+EXPORT_IMAGES = ["DICOM/ST000001/IM000001", "DICOM/ST000001/IM000002", "scan.dicom",
+                 "scan.gif", "scan.jfif"]
+
+
+def test_folder_walk_finds_dicom_by_content_and_names_every_skip(export: Path) -> None:
+    from fetalplanes.data.images import list_images
+
+    errors: list[str] = []
+    found = list_images([export], errors=errors)
+    assert sorted(str(p.relative_to(export)) for p in found) == EXPORT_IMAGES
+    assert sorted(errors) == sorted([
+        f"{export / 'DICOMDIR'}: a DICOMDIR index, not an image (its images are read from "
+        "the folder)",
+        f"{export / 'IM000003.bak'}: not an image or DICOM file",
+        f"{export / 'notes.txt'}: not an image or DICOM file",
+    ])
+    assert found.skipped == errors and found.hidden == 2  # .DS_Store, predictions.csv
+
+
+def test_predict_reads_the_export_and_says_what_it_skipped(export: Path, tiny_run: Path) -> None:
+    r = CliRunner().invoke(app, ["predict", str(tiny_run), str(export), "--format", "json", "-q"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    rows = {str(Path(x["path"]).relative_to(export)): x for x in json.loads(r.stdout)}
+    for name in ("DICOM/ST000001/IM000001", "scan.dicom", "scan.gif", "scan.jfif"):
+        assert rows[name].get("error") is None and rows[name]["label"], rows[name]
+    for skipped in ("notes.txt", "DICOMDIR", "IM000003.bak"):
+        said = [line for line in r.stderr.splitlines() if f"/{skipped}:" in line]
+        assert len(said) == 1 and said[0].startswith("skipped: "), r.stderr
+    assert ".DS_Store" not in r.stderr and "predictions.csv" not in r.stderr
+
+
+@pytest.mark.xfail(strict=False, reason="the decode side (data.images._sniff_dicom, owned by "
+                   "another session) reads a DICOM without preamble only under a .dcm name")
+def test_dicom_without_preamble_and_extension_is_read(tmp_path: Path) -> None:
+    from fetalplanes.data.images import read_image
+
+    path = bare_dicom(tmp_path / "IM000002", grey_frame())
+    assert read_image(path).shape == grey_frame().shape

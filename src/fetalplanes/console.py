@@ -1,7 +1,14 @@
-"""Human-facing messages on stderr, so stdout stays clean for --format json/csv."""
+"""Human-facing messages on stderr, so stdout stays clean for --format json/csv.
+
+Every helper here shows the text it is given literally and on one line: file names with
+[brackets] are never markup, and control characters in them (an ESC sequence that sets the
+terminal title or clears the screen, a newline that fakes a second message, DEL, C1 codes,
+bidirectional overrides) are shown escaped (`\\x1b`), never sent to the terminal raw.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,21 +18,38 @@ from rich.markup import escape
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+#: C0 controls (tab kept), DEL, C1 controls, and the bidirectional embeddings, overrides
+#: and isolates that can make a name read differently from what it is.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: str) -> str:
+    """`text` safe to print on a terminal, on one line: control characters escaped as
+    `\\x1b`, `\\x0a`, `\\u202e`, and undecodable bytes of a file name (kept by Python as
+    surrogates) as `\\xff` instead of a UnicodeEncodeError."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(_escaped, text)
+
 
 def info(msg: str) -> None:
     """A message as it is: file names with [brackets] are text, never markup."""
-    err.print(msg, markup=False)
+    err.print(safe_text(msg), markup=False)
 
 
 def warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {escape(msg)}")
+    err.print(f"[yellow]warning:[/yellow] {escape(safe_text(msg))}")
 
 
 def report_failures(failures: list[tuple[int, str]] | list[str], limit: int = 20) -> None:
     """One line per unreadable file (first `limit`), then a count."""
     msgs = [f if isinstance(f, str) else f[1] for f in failures]
     for m in msgs[:limit]:
-        err.print(f"[yellow]skipped:[/yellow] {escape(m)}")
+        err.print(f"[yellow]skipped:[/yellow] {escape(safe_text(m))}")
     if len(msgs) > limit:
         err.print(f"[yellow]... and {len(msgs) - limit} more unreadable files[/yellow]")
 

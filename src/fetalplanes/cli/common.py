@@ -13,9 +13,13 @@ from fetalplanes.errors import FetalPlanesError
 
 
 def printable(text: str) -> str:
-    """`text` safe for any stream: undecodable bytes of a file name (kept by Python as
-    surrogates) become `\\xff` escapes instead of a UnicodeEncodeError."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """`text` safe for any stream and terminal, on one line: undecodable bytes of a file
+    name (kept by Python as surrogates) become `\\xff` escapes instead of a
+    UnicodeEncodeError, and control characters (an ESC sequence in a file name, a newline,
+    DEL, C1 codes) become `\\x1b`-style escapes instead of reaching the terminal raw."""
+    from fetalplanes.console import safe_text
+
+    return safe_text(text)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -39,7 +43,7 @@ def fail_lines(msg: str, code: int = 2) -> None:
     """Like `fail`, for messages listing several problems (one `error:` line each)."""
     lines = [line for line in msg.splitlines() if line.strip()] or [msg]
     for line in lines[:-1]:
-        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {printable(line)}", fg=typer.colors.RED, err=True)
     fail(lines[-1], code)
 
 

@@ -27,7 +27,8 @@ from fetalplanes.data.formats import HEAD_BYTES, image_format, not_accepted, pil
 from fetalplanes.errors import FetalPlanesError, ImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".webp"}
+    {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+     ".dicom"}
 )
 #: Refuse images above this many pixels (decompression-bomb guard); 8k x 8k is plenty.
 MAX_PIXELS = 64_000_000
@@ -58,7 +59,9 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset(
 
 
 def is_image_path(path: Path) -> bool:
-    """True for file names that look like images we can read (by extension)."""
+    """True for file names that look like images we can read (by extension). Folder walks
+    also take files without a known extension whose first bytes are DICOM (`looks_like_dicom`),
+    as scanners name them (`IM000001` in a DICOMDIR export)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -176,6 +179,83 @@ def read_image(path: str | Path) -> np.ndarray:
 # ---------------------------------------------------------------- listing
 
 
+#: Bytes read from a file without a known image extension to tell whether it is DICOM.
+SNIFF_BYTES = 132
+#: Files fetalplanes itself writes beside images (run folders, sort journals, scan reports):
+#: left out of folder walks without a line each, like hidden files.
+OWN_OUTPUTS = frozenset(
+    {"predictions.csv", "model.json", "weights.safetensors", "feature_bank.safetensors",
+     "state.json", "state.safetensors", "train_config.json", "metrics.json", "history.csv",
+     "timeline.csv", "report.md", "index.json", "index.html", "trials.csv",
+     "best_config.json", "cv_summary.json"}
+)
+_OWN_SUFFIXES = (".onnx", ".partial", ".lock")
+#: Explicit VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_SANE_FIRST_LENGTH = 1024
+
+
+class ListResult(list[Path]):
+    """The files a listing found (a plain list of paths, as before), plus what it left out:
+    `skipped` holds the one-line reason of every file it named and did not list (also
+    printed, or added to the caller's `errors`); `hidden` counts hidden files and
+    fetalplanes' own outputs left out without a line."""
+
+    def __init__(self, paths: Iterable[Path] = ()) -> None:
+        super().__init__(paths)
+        self.skipped: list[str] = []
+        self.hidden = 0
+
+
+def looks_like_dicom(head: bytes, name: str = "") -> bool:
+    """Whether the first bytes of a file are DICOM: 'DICM' after the 128-byte preamble, or a
+    data set starting at byte 0 (files without preamble) with a group 0002 or 0008 element of
+    a sane even length, in implicit or explicit VR little endian (or, for a file named .dcm or
+    .dicom, whatever pydicom can start to parse). Reads no more than `SNIFF_BYTES` (4 KB with
+    a name); cheap enough for every file of a folder walk."""
+    if head[128:132] == b"DICM":
+        return True
+    if name.lower().endswith((".dcm", ".dicom")) and _named_dicom(head, name):
+        return True
+    if len(head) < 12 or int.from_bytes(head[:2], "little") not in (0x0002, 0x0008):
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR
+        at, size = (8, 4) if vr in _LONG_VRS else (6, 2)
+        length = int.from_bytes(head[at : at + size], "little")
+    else:
+        length = int.from_bytes(head[4:8], "little")
+    if int.from_bytes(head[2:4], "little") == 0:  # a group length is 4 bytes long
+        return length == 4
+    return length <= _SANE_FIRST_LENGTH and length % 2 == 0
+
+
+def _sniff(path: Path) -> bytes:
+    """The first `SNIFF_BYTES` of a regular file, opened without blocking (it was stat-ed as
+    regular, but could be swapped for a FIFO in between)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.read(fd, SNIFF_BYTES)
+    finally:
+        os.close(fd)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether `path` is DICOM by name (.dcm, .dicom) or by its first bytes. Never blocks
+    (special files are not opened) and never raises: an unreadable file is not DICOM here,
+    its reader says why. For callers that expand a DICOM's frames (`data.loading`)."""
+    path = Path(path)
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode) and looks_like_dicom(_sniff(path))
+    except OSError:
+        return False
+
+
 def _report(problem: str, errors: list[str] | None) -> None:
     """Hand a listing problem to the caller, or say it on stderr: never skip silently."""
     if errors is not None:
@@ -183,13 +263,13 @@ def _report(problem: str, errors: list[str] | None) -> None:
         return
     from rich.markup import escape
 
-    from fetalplanes.console import err
+    from fetalplanes.console import err, safe_text
 
-    err.print(f"[yellow]skipped:[/yellow] {escape(problem)}")
+    err.print(f"[yellow]skipped:[/yellow] {escape(safe_text(problem))}")
 
 
 def _special_entry(path: Path) -> str | None:
-    """Why an image-named entry found in a folder cannot be read, or None if it can."""
+    """Why an entry found in a folder cannot be read as a file, or None if it can."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -197,48 +277,99 @@ def _special_entry(path: Path) -> str | None:
     except OSError as exc:
         return f"{path}: {os_error_text(exc)}"
     if stat.S_ISDIR(mode):
+        if os.path.islink(path):  # folders are walked without following symlinks (no loops)
+            return f"{path}: symlink to a folder, not followed"
         return None  # a folder named x.png is walked like any folder
     why = _why_not_regular(mode)
     return f"{path}: {why}" if why else None
 
 
-def _walk(folder: Path, recursive: bool, errors: list[str] | None) -> list[Path]:
-    """Image files under `folder`; symlinked folders are not followed (no loops)."""
-    found: list[Path] = []
+def _quiet_skip(name: str, hidden_folder: bool) -> bool:
+    """Files left out without a line: hidden ones, those in hidden folders and fetalplanes'
+    own outputs (a sort journal in OUT, a run folder's weights)."""
+    return (
+        hidden_folder
+        or name.startswith(".")
+        or name in OWN_OUTPUTS
+        or name.lower().endswith(_OWN_SUFFIXES)
+    )
+
+
+def _entry(f: Path, hidden_folder: bool, result: ListResult, errors: list[str] | None) -> None:
+    """Sort one folder entry into `result`: listed, skipped with a line, or left out quietly."""
+    named_image = is_input_path(f)  # images, DICOM and videos by name; the rest by content
+    if not named_image and _quiet_skip(f.name, hidden_folder):
+        if not os.path.isdir(f):
+            result.hidden += 1
+        return
+    problem = _special_entry(f)
+    if problem:
+        result.skipped.append(problem)
+        _report(problem, errors)
+        return
+    if not f.is_file():
+        return  # a real folder: os.walk goes into it
+    if named_image:
+        result.append(f)
+        return
+    try:
+        dicom = looks_like_dicom(_sniff(f))
+    except OSError as exc:
+        problem = f"{f}: {os_error_text(exc)}"
+    else:
+        if dicom and f.name.upper() == "DICOMDIR":
+            problem = f"{f}: a DICOMDIR index, not an image (its images are read from the folder)"
+        elif dicom:
+            result.append(f)
+            return
+        else:
+            problem = f"{f}: not an image or DICOM file"
+    result.skipped.append(problem)
+    _report(problem, errors)
+
+
+def _walk(folder: Path, recursive: bool, errors: list[str] | None) -> ListResult:
+    """Image files under `folder`, and DICOM files by content; symlinked folders are not
+    followed (no loops). Every other entry is named once (`_report`), except hidden files
+    and fetalplanes' own outputs."""
+    result = ListResult()
 
     def unreadable(exc: OSError) -> None:
         where = exc.filename if exc.filename is not None else folder
-        _report(f"{where}: folder not searched ({os_error_text(exc)})", errors)
+        problem = f"{where}: folder not searched ({os_error_text(exc)})"
+        result.skipped.append(problem)
+        _report(problem, errors)
 
     for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=False):
         base = Path(root)
-        names = files + [d for d in dirs if os.path.islink(base / d)]
+        hidden_folder = any(part.startswith(".") for part in base.relative_to(folder).parts)
+        names = sorted(files) + sorted(d for d in dirs if os.path.islink(base / d))
         for name in names:
-            f = base / name
-            if not is_input_path(f):
-                continue
-            problem = _special_entry(f)
-            if problem:
-                _report(problem, errors)
-            elif f.is_file():
-                found.append(f)
+            _entry(base / name, hidden_folder, result, errors)
         if not recursive:
             break
-    return sorted(found)
+    result.sort()
+    return result
 
 
 def list_images(
     paths: Iterable[str | Path], recursive: bool = True, errors: list[str] | None = None
-) -> list[Path]:
+) -> ListResult:
     """Expand files and folders into a sorted list of image files (folders recursively).
 
-    Files given by name are returned as given (the reader reports a missing or unreadable
-    one per file), except special files (FIFO, socket, device) that a reader could block
-    on. Those, folders that cannot be searched and image-named entries that are not
-    readable files (dangling symlinks, symlink loops, pipes) are never skipped silently:
-    each becomes one line in `errors` when a list is given, else a line on stderr.
+    In folders, files are taken by image extension (PNG, JPEG/JFIF, BMP, TIFF, GIF, WebP,
+    DICOM .dcm/.dicom) and, without a known one, by content when they are DICOM
+    (`looks_like_dicom`: the first 132 bytes, nothing is decoded). Files given by name are
+    returned as given (the reader reports a missing or unreadable one per file), except
+    special files (FIFO, socket, device) that a reader could block on.
+
+    Nothing is skipped silently: every file left out (not an image, a special file, a
+    dangling symlink or loop, a folder that cannot be searched) becomes one line in
+    `errors` when a list is given, else a line on stderr. Hidden files and fetalplanes' own
+    outputs are only counted. The result is a list; its `skipped` and `hidden` attributes
+    give the counts for summaries (`ListResult`).
     """
-    found: list[Path] = []
+    found = ListResult()
     for p in paths:
         p = Path(p)
         try:
@@ -246,9 +377,14 @@ def list_images(
         except OSError:
             mode = None  # missing or unreadable: the reader says which, per file
         if mode is not None and stat.S_ISDIR(mode):
-            found.extend(_walk(p, recursive, errors))
+            walked = _walk(p, recursive, errors)
+            found.extend(walked)
+            found.skipped.extend(walked.skipped)
+            found.hidden += walked.hidden
         elif mode is not None and not stat.S_ISREG(mode):
-            _report(f"{p}: {_why_not_regular(mode)}", errors)
+            problem = f"{p}: {_why_not_regular(mode)}"
+            found.skipped.append(problem)
+            _report(problem, errors)
         else:
             found.append(p)
     return found
@@ -415,21 +551,17 @@ def _check_size(width: int, height: int, name: str) -> None:
 
 
 def _sniff_dicom(data: bytes, name: str) -> bool:
-    """DICOM by its 'DICM' marker, or a bare data set in a file named .dcm."""
-    if data[128:132] == b"DICM":
-        return True
-    if not name.lower().endswith(".dcm"):
-        return False
+    """DICOM by its bytes, whatever the file is called (`looks_like_dicom`)."""
+    return looks_like_dicom(data[:4096], name)
+
+
+def _named_dicom(head: bytes, name: str) -> bool:
+    """A bare data set in a file named .dcm/.dicom that pydicom can start to read."""
     try:
         from fetalplanes.data.dicom import is_dicom
     except ImportError:  # pydicom is an extra; without it only marked files are DICOM
         return False
-    return is_dicom(data[:4096], name)
-
-
-def looks_like_dicom(head: bytes, name: str) -> bool:
-    """Whether a file's first bytes (or all of them) are DICOM (see `_sniff_dicom`)."""
-    return _sniff_dicom(head, name)
+    return is_dicom(head[:4096], name if name.lower().endswith(".dcm") else name + ".dcm")
 
 
 def open_dicom_bytes(source: bytes | str | Path, name: str) -> Any:
