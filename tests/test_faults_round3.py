@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -348,3 +349,253 @@ def test_dicom_without_preamble_and_extension_is_read(tmp_path: Path) -> None:
 
     path = bare_dicom(tmp_path / "IM000002", grey_frame())
     assert read_image(path).shape == grey_frame().shape
+
+
+# ------------------------------------------------------------------ special files: never waited on
+
+
+def no_hang(call: Any, fifos: list[Path], seconds: float = 20) -> Any:
+    """`call()` in a thread; if it is still running after `seconds` (blocked on a FIFO),
+    open the FIFOs' other ends so it can finish, then fail the test."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # raised again in the test's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=seconds)
+    hung = worker.is_alive()
+    if hung:
+        for fifo in fifos:
+            os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+        worker.join(timeout=30)
+    assert not hung, f"blocked on a FIFO: {fifos}"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def cli(*args: Any) -> Any:
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r
+
+
+def one_error(r: Any, code: int = 2) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def labelled(folder: Path, names: list[str]) -> Path:
+    """A seed-layout data set: images/NAME for each name, labels written by the caller."""
+    (folder / "images").mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64), np.uint8)).save(
+            folder / "images" / name, "PNG")
+    return folder
+
+
+CLASSES = ["Fetal abdomen", "Fetal brain", "Fetal femur", "Fetal thorax"]
+
+
+def test_data_check_with_a_fifo_as_label_file(tmp_path: Path) -> None:
+    data = labelled(tmp_path / "data", ["a.png"])
+    os.mkfifo(data / "image_label.csv")
+    r = no_hang(lambda: cli("data", "check", data), [data / "image_label.csv"])
+    assert "image_label.csv: not a regular file but a named pipe" in one_error(r)
+    r = no_hang(lambda: cli("data", "check", data, "--labels", data / "image_label.csv"),
+                [data / "image_label.csv"])
+    assert "named pipe" in one_error(r)
+
+
+def test_label_csv_in_windows_1252_loses_no_file(tmp_path: Path) -> None:
+    """Excel on Western Windows writes € and – as 0x80 and 0x96; read as Latin-1 they were
+    control codes and the files were not found."""
+    names = ["coût 5€ scan.png", "fémur – vue 2.png", "thorax.png", "abdomen.png"]
+    data = labelled(tmp_path / "data", names)
+    rows = ["Image_name,Plane"] + [f"{n},{CLASSES[i]}" for i, n in enumerate(names)]
+    (data / "image_label.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode("cp1252"))
+    r = cli("data", "check", data)
+    assert r.exit_code == 0, r.output
+    assert "4 images" in r.stdout and "missing" not in r.stdout.lower(), r.stdout
+    (line,) = [x for x in r.stderr.splitlines() if "warning" in x]
+    assert "image_label.csv" in line and "read as Windows-1252" in line
+
+
+def test_sort_journal_that_is_a_fifo(tmp_path: Path, tiny_run: Path) -> None:
+    inp, out = labelled(tmp_path / "in", ["a.png", "b.png"]) / "images", tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "predictions.csv")
+    r = no_hang(lambda: cli("sort", tiny_run, inp, out, "-q"), [out / "predictions.csv"])
+    line = one_error(r)
+    assert "predictions.csv: the sort journal is a named pipe (FIFO), not a file" in line
+    assert not list(out.glob("*/*.png"))  # nothing copied
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_sort_lock_that_is_not_a_file(tmp_path: Path, tiny_run: Path, kind: str) -> None:
+    inp, out = labelled(tmp_path / "in", ["a.png"]) / "images", tmp_path / "out"
+    out.mkdir()
+    lock = out / ".fetalplanes-sort.lock"
+    lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    r = no_hang(lambda: cli("sort", tiny_run, inp, out, "-q"), [] if kind == "folder" else [lock])
+    line = one_error(r)
+    what = "a folder" if kind == "folder" else "a named pipe (FIFO)"
+    assert line == f"error: {lock}: the sort lock is {what}, not a file; remove it", line
+
+
+def test_open_file_refuses_special_files_without_blocking(tmp_path: Path) -> None:
+    from fetalplanes.data.images import open_file
+    from fetalplanes.errors import FetalPlanesError
+
+    os.mkfifo(tmp_path / "pipe")
+    for flags in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_CREAT):
+        with pytest.raises(FetalPlanesError, match="pipe: not a regular file but a named pipe"):
+            no_hang(lambda f=flags: open_file(tmp_path / "pipe", f), [tmp_path / "pipe"])
+    with pytest.raises(ImageError, match="the journal is a character device, not a file"):
+        open_file("/dev/null", os.O_RDONLY, what="journal")
+    fd = open_file(tmp_path / "new.txt", os.O_RDWR | os.O_CREAT)
+    os.close(fd)
+    assert (tmp_path / "new.txt").is_file()
+
+
+# ------------------------------------------------------------------ run folders
+
+
+@pytest.fixture()
+def run(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny run to break."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+@pytest.fixture()
+def scans(tmp_path: Path) -> Path:
+    return labelled(tmp_path / "scans", ["a.png", "b.png"]) / "images"
+
+
+def edit_card(run: Path, **changes: Any) -> None:
+    card = json.loads((run / "model.json").read_text())
+    card.update(changes)
+    (run / "model.json").write_text(json.dumps(card))
+
+
+def add_bank(run: Path, dim: int, sidecar_dim: int | None) -> Path:
+    """A feature bank of `dim`-value rows and the knn rule naming it (with `feature_dim` in
+    the sidecar as training writes it, unless None)."""
+    from fetalplanes.inference.rejection import BANK_FILE, make_bank, save_bank
+
+    save_bank(run, make_bank(np.random.default_rng(0).normal(size=(20, dim)).astype(np.float32)))
+    rule = {"method": "knn", "threshold": 0.5, "k": 1, "bank": BANK_FILE}
+    if sidecar_dim is not None:
+        rule["feature_dim"] = sidecar_dim
+    edit_card(run, rejection=rule)
+    return run / BANK_FILE
+
+
+def model_dim(run: Path) -> int:
+    from fetalplanes.inference.rejection import feature_dim
+    from fetalplanes.models.checkpoint import load_checkpoint
+
+    model, card = load_checkpoint(run)
+    return feature_dim(model, card.preprocess.size)
+
+
+def test_weights_with_nan_are_refused(run: Path, scans: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "weights.safetensors"))
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first][0] = float("nan")
+    save_file(state, str(run / "weights.safetensors"))
+    line = one_error(cli("predict", run, scans, "-q"))
+    assert line.startswith(f"error: {run / 'weights.safetensors'}: ") and "NaN" in line, line
+    assert first in line
+
+
+def test_weights_file_with_nan_for_a_pretrained_model(tmp_path: Path, scans: Path) -> None:
+    import torch
+
+    weights = tmp_path / "sononet.pth"
+    torch.save({"w": torch.tensor([1.0, float("inf")])}, weights)
+    line = one_error(cli("predict", "--model", "sononet16", "--weights", weights, scans, "-q"))
+    assert line.startswith(f"error: {weights}: ") and "NaN or infinite" in line, line
+
+
+@pytest.mark.parametrize("sidecar_dim", [True, False], ids=["dim in sidecar", "no dim"])
+def test_feature_bank_of_another_dimension(run: Path, scans: Path, sidecar_dim: bool) -> None:
+    dim = model_dim(run)
+    bank = add_bank(run, dim + 3, dim if sidecar_dim else None)
+    line = one_error(cli("predict", run, scans, "-q"))
+    assert line.startswith(f"error: {bank}: feature bank rows have {dim + 3} values, but the "
+                           f"model gives {dim}-value features"), line
+
+
+def test_feature_bank_checked_against_the_model(run: Path) -> None:
+    from fetalplanes.errors import CheckpointError
+    from fetalplanes.inference.rejection import load_knn
+    from fetalplanes.models.checkpoint import load_checkpoint
+
+    dim = model_dim(run)
+    add_bank(run, dim + 1, None)
+    model, card = load_checkpoint(run)
+    with pytest.raises(CheckpointError, match=f"rows have {dim + 1} values.*gives {dim}-value"):
+        load_knn(run, card.rejection, model, card.preprocess.size)
+    add_bank(run, dim, dim)
+    assert load_knn(run, card.rejection, model, card.preprocess.size) is not None
+
+
+def test_unknown_architecture_names_the_sidecar(run: Path, scans: Path) -> None:
+    edit_card(run, architecture={"name": "resnet9000", "num_classes": 4, "in_chans": 1})
+    line = one_error(cli("predict", run, scans, "-q"))
+    assert line.startswith(f"error: {run / 'model.json'}: unknown model 'resnet9000'"), line
+
+
+def test_class_lists_are_bounded_before_anything_is_built(run: Path, scans: Path) -> None:
+    from fetalplanes.errors import CheckpointError
+    from fetalplanes.models.card import load_card
+
+    names = [f"plane {i}" for i in range(1_000_000)]
+    edit_card(run, classes=names, architecture={"name": "seed-cnn", "num_classes": len(names)})
+    with pytest.raises(CheckpointError, match=r"model.json: 1,000,000 class names; at most 1,000"):
+        load_card(run)  # at once: the repeat check was quadratic and never ended
+    edit_card(run, classes=["x" * 201, "b", "c", "d"],
+              architecture={"name": "seed-cnn", "num_classes": 4})
+    line = one_error(cli("predict", run, scans, "-q"))
+    assert "model.json: a class name of 201 characters; at most 200" in line, line
+
+
+@pytest.mark.slow
+def test_huge_architecture_is_refused_before_allocation(run: Path, scans: Path) -> None:
+    """A sidecar naming a 1-billion-parameter timm model (4 GB of weights): refused from its
+    parameter count on the meta device, with no more memory than importing torch and timm."""
+    timm = pytest.importorskip("timm")
+    assert timm.is_model("vit_giant_patch14_224")
+    edit_card(run, architecture={"name": "vit_giant_patch14_224", "num_classes": 4,
+                                 "in_chans": 1})
+    base = measured([sys.executable, "-c", "import torch, timm, fetalplanes.cli"])
+    res = measured([sys.executable, "-m", "fetalplanes", "predict", str(run), str(scans), "-q"])
+    lines = res["stderr"].splitlines()
+    assert res["rc"] == 2 and len(lines) == 1, res
+    assert lines[0].startswith(f"error: {run / 'model.json'}: architecture vit_giant_patch14_224 "
+                               "has 1,0"), lines
+    assert "over the 200,000,000" in lines[0]
+    assert res["peak_mb"] <= base["peak_mb"] + PEAK_MB, (res, base)
+
+
+def test_parameter_count_on_the_meta_device_matches_the_real_model() -> None:
+    from fetalplanes.models import create_model
+    from fetalplanes.models.registry import parameter_count
+
+    for name, size in (("seed-cnn", (32, 32)), ("sononet16", None)):
+        real = create_model(name, 4, pretrained=False, input_size=size)
+        assert parameter_count(name, 4, size) == sum(p.numel() for p in real.parameters())

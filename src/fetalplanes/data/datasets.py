@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fetalplanes.console import warn
-from fetalplanes.data.images import IMAGE_EXTENSIONS, is_image_path
+from fetalplanes.data.images import IMAGE_EXTENSIONS, is_image_path, read_file
 from fetalplanes.errors import LabelFileError
 
 PLANES: tuple[str, ...] = (
@@ -177,6 +177,8 @@ def detect_layout(root: Path, labels: Path | None = None) -> tuple[str, Path | N
         raise LabelFileError(f"{root}: expected a data folder, got a file")
     if labels is not None:
         if not labels.is_file():
+            if os.path.lexists(labels):  # a folder, FIFO or device: say which, never open it
+                read_file(labels, MAX_LABEL_BYTES, LabelFileError)
             raise LabelFileError(f"{labels}: label file not found")
         return _layout_of(labels), labels
     for name, layout in ((FPDB_CSV, "fpdb"), (AFRICAN_CSV, "african"), (SEED_CSV, "csv")):
@@ -200,14 +202,19 @@ def detect_layout(root: Path, labels: Path | None = None) -> tuple[str, Path | N
     )
 
 
+#: A label CSV of 100,000 rows is a few MB; anything far larger is not one.
+MAX_LABEL_BYTES = 256 * 1024**2
+
+
 def read_label_text(path: Path, quiet: bool = False) -> str:
     """A label file's text. Spreadsheets export UTF-8 (with or without BOM), UTF-16 or a
-    legacy 8-bit code page, so try them in that order; Latin-1 gets one warning (accented
-    names may be wrong) and a binary file is refused in one line naming it."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise LabelFileError(f"{path}: cannot read the label file ({exc.strerror})") from None
+    legacy 8-bit code page, so try them in that order: Windows-1252 (what Excel writes on
+    Western Windows: the euro sign and en dash of file names live at 0x80-0x9F, where
+    Latin-1 has invisible control codes), then Latin-1. A legacy code page gets one warning
+    naming it; a binary file is refused in one line naming it. Read through
+    `images.read_file`, so a FIFO or device named as the label file is refused, not waited on.
+    """
+    raw = read_file(path, MAX_LABEL_BYTES, LabelFileError)
     utf16 = _utf16_codec(raw)
     if utf16 is not None:
         try:
@@ -220,9 +227,13 @@ def read_label_text(path: Path, quiet: bool = False) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         pass
+    try:
+        text, name = raw.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D are not Windows-1252
+        text, name = raw.decode("latin-1"), "Latin-1"
     if not quiet:
-        warn(f"{path}: not UTF-8 or UTF-16; read as Latin-1 (check accented names)")
-    return raw.decode("latin-1")
+        warn(f"{path}: not UTF-8 or UTF-16; read as {name} (check accented names)")
+    return text
 
 
 def _utf16_codec(raw: bytes) -> str | None:

@@ -155,6 +155,64 @@ def read_head(
         raise error(f"{path}: cannot read ({os_error_text(exc)})") from None
 
 
+def _refusal(path: Path, mode: int, what: str | None) -> str | None:
+    """Why `path` of this mode is not opened, phrased for a named kind of file, or None."""
+    why = _why_not_regular(mode)
+    if why is None or what is None:
+        return f"{path}: {why}" if why else None
+    if stat.S_ISDIR(mode):
+        return f"{path}: the {what} is a folder, not a file"
+    return f"{path}: the {what} is {why.removeprefix('not a regular file but ')}, not a file"
+
+
+def open_file(
+    path: str | Path,
+    flags: int = os.O_RDONLY,
+    error: type[FetalPlanesError] = ImageError,
+    what: str | None = None,
+    mode: int = 0o666,
+) -> int:
+    """A file descriptor of the regular file `path`, for readers that stream or append
+    (a sort journal, a lock, a weights file handed to a loader).
+
+    The sibling of `read_file`: stat first, open without blocking, check again on the open
+    descriptor, so a FIFO, socket, device or folder is refused with `error` in one line
+    ("OUT/x.lock: the sort lock is a folder, not a file" when `what` names the kind of
+    file) and never hangs an open() or a read. Other OSErrors (permission denied, a full
+    disk on O_CREAT) are raised as they are, for the caller to phrase.
+    """
+    path = Path(path)
+    try:
+        problem = _refusal(path, os.stat(path).st_mode, what)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+        problem = None
+    if problem:
+        raise error(problem)
+    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        problem = _refusal(path, os.fstat(fd).st_mode, what)
+        if problem:
+            raise error(problem)
+        if flags & os.O_NONBLOCK == 0 and hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file: ordinary reads and writes from here
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fd_path(fd: int, path: str | Path) -> str:
+    """A path that opens the file `fd` already has open (`/proc/self/fd/N` on Linux,
+    `/dev/fd/N` elsewhere), for loaders that take only a path: they read the checked file,
+    not whatever `path` names by then. `path` itself where neither exists."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(folder):
+            return f"{folder}/{fd}"
+    return str(path)
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= scale:

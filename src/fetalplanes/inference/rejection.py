@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fetalplanes.errors import CheckpointError
 from fetalplanes.models.card import BANK_FILE, SIDECAR, bank_path_problem, umask_mode
-from fetalplanes.models.weights import check_readable
+from fetalplanes.models.weights import check_finite, check_readable, load_safetensors
 
 DEFAULT_K = 1
 #: Training images kept as neighbours (a seeded random subset beyond this). Every image
@@ -100,14 +100,20 @@ def feature_dim(model: nn.Module, size: tuple[int, int]) -> int:
 
 
 class KnnScore(nn.Module):
-    """(N, D) features -> (N,) cosine similarity to the k-th nearest bank entry."""
+    """(N, D) features -> (N,) cosine similarity to the k-th nearest bank entry.
 
-    def __init__(self, bank: Tensor, k: int = DEFAULT_K):
+    `source` names the bank file in the one-line error a model with features of another
+    length gets (instead of a matrix-shape traceback)."""
+
+    def __init__(self, bank: Tensor, k: int = DEFAULT_K, source: str = "feature bank"):
         super().__init__()
         self.register_buffer("bank", F.normalize(bank.float(), dim=1))
         self.k = max(1, min(int(k), len(bank)))
+        self.source = source
 
     def forward(self, features: Tensor) -> Tensor:
+        if features.shape[-1] != self.bank.shape[1]:
+            raise CheckpointError(_dim_problem(self.source, self.bank.shape[1], features.shape[-1]))
         sim = F.normalize(features.float(), dim=1) @ self.bank.T
         return sim.topk(self.k, dim=1).values[:, -1]
 
@@ -159,8 +165,47 @@ def stored_bank(bank: np.ndarray) -> np.ndarray:
     return bank.astype(np.float16).astype(np.float32)
 
 
-def load_knn(run: str | Path, rejection: dict[str, Any]) -> KnnScore | None:
-    """The run's kNN scorer when its rejection rule uses one, else None."""
+#: Bounds of a bank file read back (training writes at most MAX_BANK rows).
+MAX_BANK_ROWS, MAX_FEATURE_DIM = 100_000, 65_536
+
+
+def _dim_problem(source: str, bank_dim: int, model_dim: int) -> str:
+    return (
+        f"{source}: feature bank rows have {bank_dim} values, but the model gives "
+        f"{model_dim}-value features (a bank of another model?); retrain, or remove the knn "
+        "rejection rule from model.json"
+    )
+
+
+def _bank_shape(path: Path) -> list[int]:
+    """The bank tensor's shape from the safetensors header alone (nothing else is read), so
+    a huge or malformed bank is refused before it is loaded."""
+    from safetensors import safe_open
+
+    from fetalplanes.data.images import fd_path, open_file
+
+    fd = open_file(path, os.O_RDONLY, CheckpointError)
+    try:
+        with safe_open(fd_path(fd, path), framework="pt") as f:
+            if "bank" not in f.keys():  # noqa: SIM118 (safe_open has keys(), no __contains__)
+                raise CheckpointError(f"{path}: not a feature bank (no 'bank' tensor)")
+            return list(f.get_slice("bank").get_shape())
+    finally:
+        os.close(fd)
+
+
+def load_knn(
+    run: str | Path,
+    rejection: dict[str, Any],
+    model: nn.Module | None = None,
+    size: tuple[int, int] | None = None,
+) -> KnnScore | None:
+    """The run's kNN scorer when its rejection rule uses one, else None.
+
+    The bank is checked before it is loaded (2-D, at most `MAX_BANK_ROWS` rows) and its
+    row length against the model's feature length: the sidecar's `feature_dim` (written by
+    training), and `model` itself when given (`size`: its input (H, W)). Loaded values must
+    be finite. Each problem is one CheckpointError naming the bank file."""
     if rejection.get("method") != "knn":
         return None
     name = rejection.get("bank", BANK_FILE)
@@ -172,7 +217,26 @@ def load_knn(run: str | Path, rejection: dict[str, Any]) -> KnnScore | None:
         raise CheckpointError(f"{path}: feature bank missing (needed by the knn rejection rule)")
     check_readable(path, "feature bank")
     try:
-        bank = load_file(str(path))["bank"]
+        shape = _bank_shape(path)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise CheckpointError(f"{path}: unreadable feature bank ({exc})") from None
-    return KnnScore(bank.float(), int(rejection.get("k", DEFAULT_K)))
+        raise CheckpointError(f"{path}: unreadable feature bank ({_first_line(exc)})") from None
+    if len(shape) != 2 or not (0 < shape[0] <= MAX_BANK_ROWS and 0 < shape[1] <= MAX_FEATURE_DIM):
+        raise CheckpointError(
+            f"{path}: feature bank of shape {tuple(shape)}; expected rows of features "
+            f"(at most {MAX_BANK_ROWS:,} x {MAX_FEATURE_DIM:,})"
+        )
+    expected = rejection.get("feature_dim")
+    if model is not None:
+        expected = feature_dim(model, size or (224, 224))
+    if isinstance(expected, int) and not isinstance(expected, bool) and expected != shape[1]:
+        raise CheckpointError(_dim_problem(str(path), shape[1], expected))
+    bank = load_safetensors(path, "feature bank")["bank"]
+    check_finite({"bank": bank}, path, "feature bank")
+    return KnnScore(bank.float(), int(rejection.get("k", DEFAULT_K)), str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

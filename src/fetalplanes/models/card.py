@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -157,14 +158,27 @@ def sidecar_problems(d: dict[str, Any]) -> list[str]:
     return problems
 
 
+#: Most classes a sidecar may list, and the longest name: a million names hung the
+#: repeat check and would build a classifier head of a million outputs.
+MAX_CLASSES, MAX_CLASS_NAME = 1_000, 200
+
+
 def _class_problems(classes: Any) -> list[str]:
+    """Problems of the class list, checked cheapest first (the count before any name)."""
     if not isinstance(classes, list) or not classes:
         return ["'classes' must be a non-empty list of class names"]
+    if len(classes) > MAX_CLASSES:
+        return [f"{len(classes):,} class names; at most {MAX_CLASSES:,} are allowed"]
     if not all(isinstance(c, str) and c.strip() for c in classes):
         return ["class names must be non-empty text"]
-    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    longest = max(len(c) for c in classes)
+    if longest > MAX_CLASS_NAME:
+        return [f"a class name of {longest:,} characters; at most {MAX_CLASS_NAME} are allowed"]
+    counts = Counter(classes)
+    repeated = sorted(c for c, n in counts.items() if n > 1)
     if repeated:
-        return [f"class names repeat: {', '.join(repeated)}"]
+        more = f" and {len(repeated) - 5:,} more" if len(repeated) > 5 else ""
+        return [f"class names repeat: {', '.join(repeated[:5])}{more}"]
     return []
 
 

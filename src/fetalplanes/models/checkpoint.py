@@ -23,8 +23,8 @@ from fetalplanes.models.card import (  # noqa: F401 (the run-folder API in one p
     save_card,
     umask_mode,
 )
-from fetalplanes.models.registry import create_model
-from fetalplanes.models.weights import load_safetensors
+from fetalplanes.models.registry import MAX_PARAMETERS, create_model, get_spec, parameter_count
+from fetalplanes.models.weights import check_finite, load_safetensors
 
 
 def save_checkpoint(run: Path, model: nn.Module, card: ModelCard) -> None:
@@ -51,22 +51,44 @@ def unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_architecture(folder: Path, card: ModelCard) -> None:
+    """The sidecar's architecture is known and of a size fetalplanes builds, checked before
+    anything is allocated; each problem is one line naming `model.json`."""
+    sidecar = folder / SIDECAR
+    try:
+        get_spec(card.architecture)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{sidecar}: {exc}") from None
+    n = parameter_count(card.architecture, len(card.classes), card.preprocess.size)
+    if n is not None and n > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{sidecar}: architecture {card.architecture} has {n:,} parameters, over the "
+            f"{MAX_PARAMETERS:,} a run folder may have; refusing to build it"
+        )
+
+
 def load_checkpoint(run: str | Path) -> tuple[nn.Module, ModelCard]:
-    """Rebuild the model of a run folder in eval mode on CPU."""
+    """Rebuild the model of a run folder in eval mode on CPU.
+
+    Validated before anything big is built: the sidecar (`load_card`: class names, sizes),
+    the architecture (known, at most `MAX_PARAMETERS`, counted on the meta device); then
+    the weights (shapes, and no NaN or infinite value)."""
     folder = run_folder(run)
     card = load_card(folder)
-    model = create_model(
-        card.architecture, len(card.classes), pretrained=False, input_size=card.preprocess.size
-    )
+    check_architecture(folder, card)
     wpath = folder / WEIGHTS
     if not os.path.lexists(wpath) and os.access(folder, os.X_OK):
         raise CheckpointError(
             f"{wpath}: weights missing (training interrupted before the first epoch finished?)"
         )
     state = load_safetensors(wpath)
+    model = create_model(
+        card.architecture, len(card.classes), pretrained=False, input_size=card.preprocess.size
+    )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{wpath}: does not match {card.architecture} ({first})") from None
+    check_finite(state, wpath, "weights file")
     return model.eval(), card

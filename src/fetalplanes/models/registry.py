@@ -121,6 +121,30 @@ def get_spec(name: str) -> ModelSpec:
     )
 
 
+#: Largest network a run folder may ask for (the biggest architecture fetalplanes trains,
+#: EfficientNet-B4, has 19 M; ViT-L has 300 M): a sidecar naming a 1-billion-parameter timm
+#: model is refused before its 4 GB of weights are allocated.
+MAX_PARAMETERS = 200_000_000
+
+
+def parameter_count(
+    name: str, num_classes: int, input_size: tuple[int, int] | None = None
+) -> int | None:
+    """Parameters of architecture `name` with `num_classes` outputs, counted on PyTorch's
+    meta device: the modules are built with shapes but no storage, so a billion-parameter
+    model costs no memory and under a second. None when it cannot be built there."""
+    import torch
+
+    spec = get_spec(name)
+    size = tuple(input_size) if input_size else spec.preprocess.size
+    try:
+        with torch.device("meta"):
+            model = spec.builder(num_classes, False, None, size)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an architecture that needs real tensors to build: not counted
+        return None
+
+
 def create_model(
     name: str,
     num_classes: int,

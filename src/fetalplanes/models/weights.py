@@ -1,7 +1,10 @@
 """Reading weight files safely: safetensors, or .pth/.pt with weights_only (never pickles).
 
 Every failure is one CheckpointError line naming the file: missing, unreadable, not a
-regular file, truncated or garbage safetensors, or a pickle holding more than tensors.
+regular file, truncated or garbage safetensors, a pickle holding more than tensors, or
+weights holding NaN or infinite values (which would classify every image with NaN
+probabilities). Files are opened through `data.images.open_file`, so a FIFO or device
+never reaches a loader, even one swapped in after the first check.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fetalplanes.data.images import os_error_text
+from fetalplanes.data.images import fd_path, open_file, os_error_text
 from fetalplanes.errors import CheckpointError
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -43,6 +46,29 @@ def check_readable(path: str | Path, what: str = "weight file") -> Path:
     return path
 
 
+def _open(path: Path, what: str) -> int:
+    """A guarded descriptor of `path` (see `data.images.open_file`), errors in one line."""
+    try:
+        return open_file(path, os.O_RDONLY, CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {what} not readable ({os_error_text(exc)})") from None
+
+
+def check_finite(
+    state: dict[str, torch.Tensor], path: str | Path, what: str = "weight file"
+) -> None:
+    """Refuse tensors holding NaN or infinite values (a diverged training, a damaged file):
+    a model built from them classifies every image with NaN probabilities."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{path}: the {what} holds NaN or infinite values (first in {key}); the "
+                "training diverged or the file is damaged"
+            )
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
@@ -52,8 +78,9 @@ def load_safetensors(path: str | Path, what: str = "weight file") -> dict[str, t
     """Tensors of a .safetensors file; truncated, empty, garbage or huge-header files and
     unreadable ones are one CheckpointError line naming the file."""
     path = check_readable(path, what)
+    fd = _open(path, what)
     try:
-        return load_file(str(path))
+        return load_file(fd_path(fd, path))
     except SafetensorError as exc:
         reason = _first_line(exc).removeprefix("Error while deserializing header: ")
         raise CheckpointError(f"{path}: not a readable safetensors {what} ({reason})") from None
@@ -62,6 +89,8 @@ def load_safetensors(path: str | Path, what: str = "weight file") -> dict[str, t
     except Exception as exc:  # e.g. a dtype this torch cannot hold
         reason = _first_line(exc)
         raise CheckpointError(f"{path}: not a readable safetensors {what} ({reason})") from None
+    finally:
+        os.close(fd)
 
 
 def _refusal(path: Path, exc: Exception) -> CheckpointError:
@@ -86,10 +115,15 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors, or a .pth/.pt with weights_only (no pickles)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_safetensors(path)
+        state = load_safetensors(path)
+        check_finite(state, path)
+        return state
     check_readable(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with os.fdopen(_open(path, "weight file"), "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
     except OSError as exc:
@@ -103,4 +137,5 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    check_finite(obj, path)
     return obj

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from fetalplanes.console import info, report_failures, warn
-from fetalplanes.data.images import opencv, read_file
+from fetalplanes.data.images import open_file, opencv, read_file
 from fetalplanes.data.items import parse_frame_name
 from fetalplanes.data.loading import sigterm_interrupts
 from fetalplanes.data.sources import (
@@ -294,8 +294,10 @@ class _OutputLock:
         if fcntl is None:
             return self
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # a folder, FIFO or device here is refused in one line, never waited on
+                fd = open_file(self.path, os.O_RDWR | os.O_CREAT, FetalPlanesError, "sort lock")
+            except FetalPlanesError as exc:
+                raise FetalPlanesError(f"{exc}; remove it") from None
             except OSError as exc:
                 raise _output_error(self.out, exc) from None
             try:
@@ -421,7 +423,7 @@ class _Journal:
         self.path = path
         self.header = header
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self.fd = open_file(path, os.O_WRONLY | os.O_APPEND, FetalPlanesError, "sort journal")
             self.size = os.fstat(self.fd).st_size
         except OSError as exc:
             raise _output_error(path, exc) from None
@@ -555,9 +557,11 @@ def _open_journal(path: Path, classes: list[str]) -> tuple[_Journal, set[str], d
     if not os.path.lexists(path):
         _write_new_journal(path, want, [])
         return _Journal(path, want), set(), {}
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # read-only: refuse before repairs
-        data = path.read_bytes()
+    try:  # a FIFO or folder named like the journal: one line, never a blocked open()
+        os.close(open_file(path, os.O_WRONLY | os.O_APPEND, FetalPlanesError, "sort journal"))
+        data = read_file(path, error=FetalPlanesError)  # read-only: refused just above
+    except FetalPlanesError as exc:
+        raise FetalPlanesError(f"{exc}; move it away or choose another output folder") from None
     except OSError as exc:
         raise _output_error(path, exc) from None
     header, rows, keep, notes = _parse_journal(path, data, want)
