@@ -1011,7 +1011,16 @@ GUARD_KINDS = [
     (FileExistsError("OUT is not empty; refusing to write"), "OUT is not empty; refusing to write"),
     (MemoryError(), "out of memory (try fewer or smaller images at once)"),
     (CheckpointError(f"{Path('run/model.json')}: a\n{Path('run/model.json')}: b"), None),
+    # a newline that is not a list of problems (inside a file name): one escaped line
+    (ImageError("OUT/a\nerror: fake.png: empty file"), "OUT/a\\x0aerror: fake.png: empty file"),
 ]
+
+
+def _several(message: str) -> CheckpointError:
+    """An error listing several problems, as `ModelCard.from_dict` raises them."""
+    error = CheckpointError(message)
+    error.lines = message.splitlines()  # type: ignore[attr-defined]
+    return error
 
 
 @pytest.mark.parametrize(("exc", "line"), GUARD_KINDS, ids=lambda x: type(x).__name__)
@@ -1023,7 +1032,7 @@ def test_guard_turns_escaping_errors_into_one_line(
     from fetalplanes.cli.common import guard
 
     def command() -> None:
-        raise exc
+        raise _several(str(exc)) if line is None else exc
 
     with pytest.raises(typer.Exit) as info:
         guard(command)()

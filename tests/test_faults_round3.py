@@ -599,3 +599,50 @@ def test_parameter_count_on_the_meta_device_matches_the_real_model() -> None:
     for name, size in (("seed-cnn", (32, 32)), ("sononet16", None)):
         real = create_model(name, 4, pretrained=False, input_size=size)
         assert parameter_count(name, 4, size) == sum(p.numel() for p in real.parameters())
+
+
+# ------------------------------------------------------------------ the terminal
+
+#: A file name that sets the terminal title, rings the bell, clears the screen (CSI as ESC [
+#: and as the C1 byte 0x9b), deletes, fakes a second line and reverses the text after it.
+EVIL = "\x1b]0;pwned\x07scan\x1b[2J\x9b2J\x7f\nerror: fake\u202egnp.png"
+ESCAPED = "\\x1b]0;pwned\\x07scan\\x1b[2J\\x9b2J\\x7f\\x0aerror: fake\\u202egnp.png"
+
+
+def raw_controls(text: str) -> list[str]:
+    return sorted({c for c in text if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F
+                   or c == "\u202e"})
+
+
+def test_safe_text_escapes_every_control_character() -> None:
+    from fetalplanes.cli.common import printable
+    from fetalplanes.console import safe_text
+
+    assert safe_text(EVIL) == printable(EVIL) == ESCAPED
+    assert safe_text("échographie\tfœtale 胎儿 😀") == "échographie\tfœtale 胎儿 😀"
+    undecodable = b"scan\xff.png".decode("utf-8", "surrogateescape")
+    assert safe_text(undecodable) == "scan\\xff.png"
+
+
+def test_names_with_escape_sequences_reach_the_terminal_escaped(tmp_path: Path, tiny_run: Path,
+                                                                scans: Path) -> None:
+    (scans / f"{EVIL}.txt").write_text("not an image")  # named by the folder walk
+    r = cli("predict", tiny_run, scans, "-q", "--format", "csv")
+    assert r.exit_code == 0 and f"skipped: {scans}/{ESCAPED}.txt: not an image" in r.stderr
+    assert not raw_controls(r.stderr), r.stderr
+    r = cli("predict", tmp_path / EVIL, scans, "-q")  # a run folder that is not there
+    assert not raw_controls(r.stderr) and ESCAPED in one_error(r), r.stderr
+    (scans / f"{EVIL}.txt").unlink()
+    (scans / EVIL).write_bytes(b"not an image either")
+    r = cli("sort", tiny_run, scans, tmp_path / "out", "-q")  # failures summed up at the end
+    said = [line for line in r.stderr.splitlines() if "pwned" in line]
+    assert said and not raw_controls("\n".join(said)), r.stderr
+
+
+@pytest.mark.xfail(strict=False, reason="cli/prediction.py (owned by another session) prints "
+                   "each unreadable file's error with typer.secho, not through the escaping "
+                   "console helpers")
+def test_predict_per_file_errors_escape_names(tiny_run: Path, scans: Path) -> None:
+    (scans / EVIL).write_bytes(b"not an image")
+    r = cli("predict", tiny_run, scans, "-q", "--format", "csv")
+    assert not raw_controls(r.stderr), r.stderr

@@ -39,9 +39,12 @@ def os_error_message(exc: OSError) -> str:
     return f"{where}{os_error_text(exc)}{also}"
 
 
-def fail_lines(msg: str, code: int = 2) -> None:
-    """Like `fail`, for messages listing several problems (one `error:` line each)."""
-    lines = [line for line in msg.splitlines() if line.strip()] or [msg]
+def fail_lines(msg: str, code: int = 2, lines: list[str] | None = None) -> None:
+    """Like `fail`, for errors listing several problems: one `error:` line for each of
+    `lines` (an error's own `lines`, e.g. every problem of a sidecar). A message is never
+    split at its newlines: one inside a file name would print a second, fake message; it
+    is shown escaped (`\\x0a`) instead."""
+    lines = [line for line in lines or [] if str(line).strip()] or [msg]
     for line in lines[:-1]:
         typer.secho(f"error: {printable(line)}", fg=typer.colors.RED, err=True)
     fail(lines[-1], code)
@@ -57,7 +60,8 @@ def guard(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FetalPlanesError as exc:
-            fail_lines(str(exc), getattr(exc, "exit_code", 2))
+            fail_lines(str(exc), getattr(exc, "exit_code", 2),
+                       lines=getattr(exc, "lines", None))
         except OSError as exc:
             fail(os_error_message(exc))
         except MemoryError:

@@ -79,7 +79,10 @@ class ModelCard:
         _check_format(d.get("format_version", FORMAT_VERSION), source)
         problems = sidecar_problems(d)
         if problems:
-            raise CheckpointError("\n".join(f"{source}: {p}" for p in problems))
+            lines = [f"{source}: {p}" for p in problems]
+            error = CheckpointError("\n".join(lines))
+            error.lines = lines  # type: ignore[attr-defined]  # the CLI: one line each
+            raise error
         return cls(
             architecture=d["architecture"]["name"],
             classes=list(d["classes"]),
