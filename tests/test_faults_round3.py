@@ -342,8 +342,6 @@ def test_predict_reads_the_export_and_says_what_it_skipped(export: Path, tiny_ru
     assert ".DS_Store" not in r.stderr and "predictions.csv" not in r.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="the decode side (data.images._sniff_dicom, owned by "
-                   "another session) reads a DICOM without preamble only under a .dcm name")
 def test_dicom_without_preamble_and_extension_is_read(tmp_path: Path) -> None:
     from fetalplanes.data.images import read_image
 
@@ -639,9 +637,6 @@ def test_names_with_escape_sequences_reach_the_terminal_escaped(tmp_path: Path, 
     assert said and not raw_controls("\n".join(said)), r.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="cli/prediction.py (owned by another session) prints "
-                   "each unreadable file's error with typer.secho, not through the escaping "
-                   "console helpers")
 def test_predict_per_file_errors_escape_names(tiny_run: Path, scans: Path) -> None:
     (scans / EVIL).write_bytes(b"not an image")
     r = cli("predict", tiny_run, scans, "-q", "--format", "csv")
