@@ -70,8 +70,9 @@ WeightsOpt = Annotated[
 ]
 PresetOpt = Annotated[
     str,
-    typer.Option("--preset", help="Label preset: seed4, fpdb6 or brain3 (for a pretrained "
-                                  "model: the planes its classes are folded into)."),
+    typer.Option("--preset", help="Label preset: seed4, fpdb6, brain3, or views13 (the 13 "
+                                  "standard views of the bundled SonoNet-16); for a pretrained "
+                                  "model, the planes its classes are folded into."),
 ]
 BackendOpt = Annotated[
     BackendChoice,

@@ -33,6 +33,24 @@ PLANES: tuple[str, ...] = (
     "Other",
 )
 BRAIN_PLANES: tuple[str, ...] = ("Trans-thalamic", "Trans-cerebellum", "Trans-ventricular")
+#: The 13 standard views of the mid-trimester scan that SonoNet-16 recognises, named as a
+#: clinician reads them, in the order of an examination (head, face, spine, heart, abdomen,
+#: limb). `models.sononet_classes.SONONET_TO_VIEW` maps SonoNet's labels onto them.
+VIEWS13: tuple[str, ...] = (
+    "Trans-ventricular plane",
+    "Trans-cerebellar plane",
+    "Lips (coronal)",
+    "Facial profile (mid-sagittal)",
+    "Spine (sagittal)",
+    "Spine (coronal)",
+    "Four-chamber view",
+    "Left ventricular outflow tract",
+    "Right ventricular outflow tract",
+    "Three-vessel view",
+    "Abdominal circumference plane",
+    "Kidneys",
+    "Femur length plane",
+)
 BRAIN_PLANE_VALUES: tuple[str, ...] = (*BRAIN_PLANES, "Other", "Not A Brain")
 FPDB_CSV = "FETAL_PLANES_DB_data.csv"
 SEED_CSV = "image_label.csv"
@@ -81,6 +99,12 @@ PRESETS: dict[str, Preset] = {
         column="Brain_plane",
         only_plane="Fetal brain",
         description="brain sub-planes of Fetal brain images",
+    ),
+    "views13": Preset(
+        "views13",
+        VIEWS13,
+        description="the 13 mid-trimester standard views SonoNet-16 recognises (zero-shot "
+        "with the bundled model; its Background class is not_target)",
     ),
 }
 

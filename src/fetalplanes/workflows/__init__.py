@@ -2,5 +2,7 @@
 
 Each workflow is a sink (or a source and a sink) around the same pipeline: `sorting` copies
 items into plane folders with a journal, `scan` smooths a recording's frames into a timeline
-with the best frame of each plane. Workflows never decode or classify by themselves.
+with the best frame of each plane, `checklist` and `audit` answer which standard views a
+study holds (studies from files, DICOM headers and videos -> checklist.json, report.html
+and a department summary). Workflows never decode or classify by themselves.
 """
