@@ -12,7 +12,16 @@ from typing import Annotated
 import typer
 
 from fetalplanes._version import __version__
-from fetalplanes.cli import data, evaluation, prediction, scanning, serving, tools, training
+from fetalplanes.cli import (
+    auditing,
+    data,
+    evaluation,
+    prediction,
+    scanning,
+    serving,
+    tools,
+    training,
+)
 from fetalplanes.cli.common import guard
 
 # Spinning OpenMP threads make torch several times slower on a busy 2-core machine;
@@ -67,6 +76,7 @@ COMMANDS = {
     "demo": tools.demo,
     "scan": scanning.scan,
     "deid": scanning.deid,
+    "audit": auditing.audit,
 }
 
 for _name, _fn in COMMANDS.items():

@@ -24,17 +24,50 @@ from fetalplanes.cli.options import (
 )
 
 
-def models_cmd() -> None:
+def models_cmd(
+    card: Annotated[
+        str | None,
+        typer.Option("--card", metavar="NAME", help="Print the model card of a bundled model "
+                     "(sononet16) or a run folder instead of the list."),
+    ] = None,
+) -> None:
     """List the registered architectures; `ready` ones classify real scans out of the box
     (bundled weights: `fetalplanes predict sononet16 SCANS`)."""
     from fetalplanes.models import list_models
 
+    if card is not None:
+        typer.echo(_model_card_text(card), nl=False)
+        return
     typer.echo(f"{'name':20s} {'input':9s} {'weights':8s} description")
     for spec in list_models():
         pp = spec.preprocess
         ready = "ready" if spec.bundled_weights() else "-"
         typer.echo(f"{spec.name:20s} {pp.size[0]}x{pp.size[1]:<5d} {ready:8s} {spec.description}")
     typer.echo("(also any timm architecture name, trained with `fetalplanes train`)")
+
+
+def _model_card_text(name: str) -> str:
+    """The card of a bundled model, or a run folder's MODEL_CARD.md (built from its sidecar
+    when the run predates model cards)."""
+    from fetalplanes.models.card import load_card
+    from fetalplanes.models.model_card import (
+        BUNDLED_CARDS,
+        MODEL_CARD_MD,
+        bundled_card,
+        render_markdown,
+        run_card,
+    )
+
+    shipped = bundled_card(name)
+    if shipped is not None:
+        return render_markdown(shipped)
+    path = Path(name)
+    if path.is_dir():
+        if (path / MODEL_CARD_MD).is_file():
+            return (path / MODEL_CARD_MD).read_text(encoding="utf-8")
+        return render_markdown(run_card(load_card(path), path.name))
+    fail(f"{name}: no model card (bundled: {', '.join(BUNDLED_CARDS)}; or a run folder)")
+    return ""
 
 
 

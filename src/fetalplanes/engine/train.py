@@ -30,6 +30,7 @@ from fetalplanes.console import progress as progress_bar
 from fetalplanes.data.cache import default_cache_dir, load_arrays
 from fetalplanes.data.datasets import (
     LabelledData,
+    Sample,
     Split,
     load_dataset,
     split_by_patient,
@@ -367,7 +368,10 @@ def _load_split_arrays(
     progress: bool,
     name: str,
     report: bool = True,
+    kept: list[Sample] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Prepared arrays and labels of a split's readable images; `kept` receives their
+    samples in the same order (for per-site metrics)."""
     samples = data.subset(patients)
     cache_dir = (
         (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.cache else None
@@ -383,6 +387,8 @@ def _load_split_arrays(
     if loaded.failures and report:
         report_failures(loaded.failures)
     labels = np.array([data.classes.index(samples[i].label) for i in loaded.ok], dtype=np.int64)
+    if kept is not None:
+        kept.extend(samples[i] for i in loaded.ok)
     return loaded.arrays, labels, [m for _, m in loaded.failures]
 
 
@@ -496,8 +502,10 @@ class Trainer:
         shown = self.progress and self.main
         x_tr, y_tr, fail_tr = _load_split_arrays(data, self.split.train, pp, cfg, shown,
                                                  "train", report=self.main)
+        self.val_samples: list[Sample] = []
         x_va, y_va, fail_va = _load_split_arrays(data, self.split.val, pp, cfg, shown,
-                                                 "validation", report=self.main)
+                                                 "validation", report=self.main,
+                                                 kept=self.val_samples)
         if len(y_tr) == 0:
             raise FetalPlanesError("no readable training images")
         if dist is not None:  # same seed, same data: assert it rather than trust it
@@ -667,6 +675,7 @@ class Trainer:
         result = _finish(
             self.run, self.model, self.loop, self.card, self.history, self.best[1],
             (self.train_data, self.val_data), self.y_va, self.cfg, self.seconds,
+            self.val_samples,
         )
         shutil.rmtree(self.run / RESUME_DIR, ignore_errors=True)
         self.tracker.log_final(numeric_metrics(result.val_metrics))
@@ -835,13 +844,19 @@ def _finish(
     y_va: np.ndarray,
     cfg: TrainConfig,
     seconds: float,
+    val_samples: list[Sample] | None = None,
 ) -> TrainResult:
-    """Reload the best epoch, calibrate and fit rejection on validation, write artefacts."""
+    """Reload the best epoch, calibrate and fit rejection on validation, write artefacts
+    (MODEL_CARD.md too: what the run knows, per class and per site)."""
     from safetensors.torch import load_file
+
+    from fetalplanes.engine.evaluate import group_metrics
+    from fetalplanes.models.model_card import write_model_card
 
     model.load_state_dict(load_file(str(run / WEIGHTS)))
     train_data, val_data = data
     val_metrics: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
     if len(val_data):
         logits, feats = collect_features(model, lambda: in_order(val_data), loop.forward)
         card.temperature = fit_temperature(logits, y_va)
@@ -849,6 +864,8 @@ def _finish(
         val_metrics = classification_metrics(
             calibrated_probs(logits, card.temperature), y_va, card.classes
         )
+        if val_samples is not None and len(val_samples) == len(y_va):
+            groups = group_metrics(val_samples, logits.argmax(1), y_va)
     card.metrics = {
         "best_epoch": best_epoch,
         "epochs_run": len(history),
@@ -861,6 +878,7 @@ def _finish(
     }
     atomic_write_text(run / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     training_curves(history, run / "curves.png")
+    write_model_card(run, card, val_metrics, groups)
     save_checkpoint(run, model, card)  # last: a sidecar with metrics marks the run finished
     val_acc = val_metrics.get("accuracy")
     acc = f", validation accuracy {val_acc:.3f}" if val_acc is not None else ""
