@@ -69,6 +69,10 @@ CASES = [
     ("POST", "/api/v1/predict", NEGATIVE),  # the GETs take no input to get wrong
     ("POST", "/api/v1/scan", POSITIVE),
     ("POST", "/api/v1/scan", NEGATIVE),
+    ("GET", "/api/v1/checklists", POSITIVE),
+    ("GET", "/api/v1/model/card", POSITIVE),
+    ("POST", "/api/v1/audit", POSITIVE),
+    ("POST", "/api/v1/audit", NEGATIVE),
 ]
 
 

@@ -27,6 +27,7 @@ from fetalplanes.data.images import decode_cost, decoded_pixels
 from fetalplanes.data.sources import Item, Source, Unreadable, upload_source
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import Prediction, columns, failed
+from fetalplanes.serving.audit import audit_router
 from fetalplanes.serving.batching import DecodeBudget, MicroBatcher
 from fetalplanes.serving.explainer import Explainer, explainer_for, one_line
 from fetalplanes.serving.scan import scan_router
@@ -477,6 +478,7 @@ def create_app(
     add_error_handlers(app)
     app.include_router(api_router(service, info))
     app.include_router(scan_router(service))
+    app.include_router(audit_router(service))
     add_page(app)
     add_docs(app)
     app.add_middleware(SecurityHeaders)

@@ -61,6 +61,10 @@ RESEARCH_USE = (
     "that the anatomy is normal or the image adequate for measurement."
 )
 NOT_RECORDED = "not recorded"
+UPLOAD_BATCH = 16
+"""Uploaded images per network call."""
+THUMB_KEEP = 640
+"""Longest side of an uploaded image kept in memory for its thumbnail."""
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -417,15 +421,21 @@ def _classify_study(predictor: Any, study: Study, options: AuditOptions,
                                         desc=f"{study.label}: images")
         for f, pred in zip(on_disk, preds, strict=True):
             _still(out, f.name, pred)
-    for f in (f for f in stills if f.data is not None):
-        try:
-            gray = (read_dicom_item(f.data, f.name, None)[0] if f.kind == "dicom"
-                    else _decode(f.data, f.name))
-        except ImageError as exc:
-            out.failures.append(str(exc))
-            continue
-        _still(out, f.name, predictor.predict_arrays([gray], [f.name])[0])
-        out.thumbs[(f.name, None)] = gray
+    uploaded = [f for f in stills if f.data is not None]
+    for i in range(0, len(uploaded), UPLOAD_BATCH):
+        names, grays = [], []
+        for f in uploaded[i : i + UPLOAD_BATCH]:
+            try:
+                gray = (read_dicom_item(f.data, f.name, None)[0] if f.kind == "dicom"
+                        else _decode(f.data, f.name))
+            except ImageError as exc:
+                out.failures.append(str(exc))
+                continue
+            names.append(f.name)
+            grays.append(gray)
+            out.thumbs[(f.name, None)] = _shrink(gray, THUMB_KEEP)  # no file to re-read
+        for name, pred in zip(names, predictor.predict_arrays(grays, names), strict=True):
+            _still(out, name, pred)
     for f in (f for f in study.files if f.recording):
         try:
             if f.data is not None:
@@ -463,6 +473,16 @@ def _still(out: StudyScan, name: str, pred: Any) -> None:
     out.observations.append(Observation(name, pred.label, float(pred.confidence),
                                         not_target=pred.not_target, uncertain=pred.uncertain,
                                         frame_rejected=pred.not_target))
+
+
+def _shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
+    """A smaller copy for keeping in memory (an upload's frame, kept for its thumbnail)."""
+    if max(gray.shape[:2]) <= max_side:
+        return gray
+    cv2 = opencv()
+    scale = max_side / max(gray.shape[:2])
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
@@ -587,12 +607,9 @@ def study_folder_name(label: str) -> str:
 
 def png_bytes(gray: np.ndarray, max_side: int | None = None) -> bytes:
     """PNG of a grey frame, scaled down to `max_side` pixels when given (thumbnails)."""
-    cv2 = opencv()
-    if max_side is not None and max(gray.shape[:2]) > max_side:
-        scale = max_side / max(gray.shape[:2])
-        size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".png", gray)
+    if max_side is not None:
+        gray = _shrink(gray, max_side)
+    ok, buf = opencv().imencode(".png", gray)
     if not ok:
         raise FetalPlanesError("cannot encode a best frame as PNG")
     return buf.tobytes()
@@ -758,3 +775,49 @@ def run_audit(
     summary = department_summary(audits, checklist) | {"salt": salt_how}
     write_department(summary, out)
     return AuditRun(out, audits, summary, problems, salt_how, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ uploads (HTTP API)
+def audit_uploads(predictor: Any, files: Sequence[tuple[str, bytes]], checklist: Checklist,
+                  options: AuditOptions = AuditOptions(),
+                  model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One study from uploaded files (held in memory, never written): the checklist.json
+    dict plus what a page draws: `thumbnails` (item id -> base64 PNG of its best frame),
+    `timelines` (per recording: runs of equal smoothed labels) and `stills` (per image).
+    Operator, machine and site are not reported (the server keeps no salt)."""
+    import base64
+
+    sources, failures = [], []
+    for name, data in files:
+        try:
+            sources.append(classify_upload(name, data))
+        except ImageError as exc:
+            failures.append(str(exc))
+    study = Study("upload", "one request", sources)
+    audit = audit_study(predictor, study, checklist, options)
+    audit.scan.failures[:0] = failures
+    settings = {"every": options.every, "window": options.window,
+                "min_confidence": predictor.min_confidence}
+    out = audit.to_dict(model, settings)
+    out["thumbnails"] = {k: base64.b64encode(png_bytes(v, 320)).decode("ascii")
+                         for k, v in best_pixels(audit).items()}
+    out["timelines"] = timeline_runs(audit)
+    out["stills"] = [{"source": o.source, "label": o.label, "confidence": round(o.confidence, 6),
+                      "not_target": o.not_target, "uncertain": o.uncertain}
+                     for o in audit.scan.observations if o.frame is None]
+    return out
+
+
+def timeline_runs(audit: StudyAudit) -> list[dict[str, Any]]:
+    """Per recording: its duration and the runs of equal smoothed labels
+    (start_s, end_s, label, status: view | uncertain | not_target)."""
+    from fetalplanes.workflows.report import label_runs
+
+    out = []
+    for rec in audit.scan.recordings:
+        obs = [o for o in audit.scan.observations if o.source == rec.source]
+        runs = [{"start_s": round(a, 4), "end_s": round(b, 4), "label": label, "status": st}
+                for a, b, label, st in label_runs(obs)]
+        out.append({"source": rec.source, "duration_s": round(rec.duration_s, 4),
+                    "frames": rec.frames_scanned, "runs": runs})
+    return out

@@ -165,7 +165,7 @@ def _items_table(items: Sequence[Mapping[str, Any]], thumbs: Mapping[str, bytes]
     return f"<h2>Checklist</h2><table id=\"checklist\">{head}{''.join(rows)}</table>"
 
 
-def _runs(obs: Sequence[Observation]) -> list[tuple[float, float, str, str]]:
+def label_runs(obs: Sequence[Observation]) -> list[tuple[float, float, str, str]]:
     """(start_s, end_s, label, status) runs of equal smoothed labels in a recording."""
     runs: list[tuple[float, float, str, str]] = []
     step = (obs[1].time_s - obs[0].time_s) if len(obs) > 1 else 0.04
@@ -185,7 +185,7 @@ def timeline_svg(source: str, obs: Sequence[Observation], views: Sequence[str],
     """One recording as a coloured band over time (one colour per view, grey: no view,
     amber: uncertain), best frames marked with triangles, and a time axis."""
     colours = _colours(views)
-    runs = _runs(obs)
+    runs = label_runs(obs)
     end = max(runs[-1][1], 1e-6)
     left, band_w, top, band_h = 10, width - 20, 18, 34
     scale = band_w / end
