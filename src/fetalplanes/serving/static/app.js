@@ -450,6 +450,7 @@ function wire() {
     e.preventDefault(); // never let the browser navigate to a dropped file
     depth = 0;
     over(false);
+    if (e.target.closest && e.target.closest("#study")) return; // the study panel's own
     if (e.dataTransfer && e.dataTransfer.files.length) addFiles(e.dataTransfer.files);
   });
 }
@@ -570,3 +571,211 @@ function wireScan() {
 }
 
 wireScan();
+
+// ------------------------------------------------------------------ study checklist
+// Files go to /api/v1/audit (images in small batches, each video or cine alone); every answer
+// is the checklist of those files, and the page merges it into the study's checklist: an item
+// is present when any upload showed it, its best frame is the most confident one, frame counts
+// add up. The server keeps nothing between requests.
+const STUDY_BATCH = 8;
+const RECORDING = /\.(mp4|avi|mov|m4v|mkv|webm|mpe?g|wmv)$/i;
+const study = { checklists: [], name: null, files: [], items: null, busy: false, seen: 0 };
+
+function studyChecklist() {
+  return study.checklists.find((c) => c.name === study.name);
+}
+
+function emptyItems() {
+  const list = studyChecklist();
+  if (!list) return [];
+  return list.items.map((it) => ({
+    ...it, status: list.assessed.includes(it.id) ? "missing" : "not_assessed",
+    best: null, thumb: null, frames: 0, uncertain_frames: 0, first: null, last: null,
+    sources: [],
+  }));
+}
+
+function mergeItems(held, got) {
+  const byId = new Map(got.items.map((it) => [it.id, it]));
+  for (const mine of held) {
+    const it = byId.get(mine.id);
+    if (!it) continue;
+    if (it.status === "present") mine.status = "present";
+    if (it.best && (!mine.best || it.best.confidence > mine.best.confidence)) {
+      mine.best = it.best;
+      mine.thumb = got.thumbnails[it.id] || null;
+    }
+    mine.frames += it.frames;
+    mine.uncertain_frames += it.uncertain_frames;
+    mine.first = mine.first || it.first;
+    mine.last = it.last || mine.last;
+    for (const s of it.sources) if (!mine.sources.includes(s)) mine.sources.push(s);
+  }
+}
+
+const whereText = (w) => (w.frame === null || w.frame === undefined
+  ? w.source : `${w.source}, frame ${w.frame} at ${seconds(w.time_s)}`);
+
+function renderStudy() {
+  const items = study.items || emptyItems();
+  const assessed = items.filter((i) => i.status !== "not_assessed" && i.required !== false);
+  const present = assessed.filter((i) => i.status === "present");
+  const missing = assessed.filter((i) => i.status === "missing");
+  const notAssessed = items.filter((i) => i.status === "not_assessed").length;
+  $("study-summary").textContent = study.seen
+    ? `${present.length} of ${assessed.length} views this model can assess are present` +
+      (notAssessed ? `; ${notAssessed} checklist items are not assessed by this model.` : ".")
+    : "";
+  $("study-missing").textContent = study.seen && missing.length
+    ? `Missing: ${missing.map((i) => i.name).join(", ")}` : "";
+  $("study-rows").replaceChildren(...items.map((it) => {
+    const word = it.status === "present" ? "present"
+      : it.status === "missing" ? (study.seen ? "missing" : "not yet seen")
+        : "not assessed by this model";
+    const img = it.thumb ? el("img", { src: `data:image/png;base64,${it.thumb}`,
+      alt: `Best frame of ${it.name}` }) : "";
+    const where = it.best ? el("span", {}, whereText(it.best),
+      el("br"), `${it.best.view} · ${pct(it.best.confidence)} · ${it.frames} frame(s)`) : "";
+    return el("tr", { class: `study-${it.status}`, "data-item": it.id },
+      el("td", {}, el("strong", { text: it.name }), el("br"),
+        el("span", { class: "muted", text: it.section })),
+      el("td", { class: "study-status", text: word }), el("td", {}, img), el("td", {}, where));
+  }));
+}
+
+async function auditBatch(files) {
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const res = await fetch(`${API}/audit?checklist=${encodeURIComponent(study.name)}`,
+    { method: "POST", body: form });
+  const body = await res.json().catch(() => ({ detail: `HTTP ${res.status}` }));
+  if (!res.ok) throw new Error(body.detail || `HTTP ${res.status}`);
+  return body;
+}
+
+function studyBatches(files) {
+  const batches = [];
+  let images = [];
+  for (const f of files) {
+    if (RECORDING.test(f.name) || f.type.startsWith("video/")) batches.push([f]);
+    else {
+      images.push(f);
+      if (images.length === STUDY_BATCH) { batches.push(images); images = []; }
+    }
+  }
+  if (images.length) batches.push(images);
+  return batches;
+}
+
+async function auditFiles(files) {
+  const status = $("study-status");
+  const tooBig = files.filter((f) => f.size > state.limits.max_file_bytes);
+  const ok = files.filter((f) => f.size <= state.limits.max_file_bytes);
+  const problems = tooBig.map((f) => `${f.name}: file too large (${mb(f.size)})`);
+  study.busy = true;
+  $("study-pick").disabled = true;
+  let done = 0;
+  for (const batch of studyBatches(ok)) {
+    status.textContent = `Classifying… ${done} of ${ok.length} files done.`;
+    try {
+      const body = await auditBatch(batch);
+      if (!study.items) study.items = emptyItems();
+      mergeItems(study.items, body);
+      problems.push(...body.failures);
+      study.seen += batch.length;
+    } catch (err) {
+      problems.push(`${batch.map((f) => f.name).join(", ")}: ${err.message}`);
+    }
+    done += batch.length;
+    renderStudy();
+  }
+  status.textContent = `${study.seen} file(s) in this study.` +
+    (problems.length ? ` Not read: ${problems.join("; ")}` : "");
+  study.busy = false;
+  $("study-pick").disabled = false;
+  $("study-new").disabled = study.files.length === 0;
+}
+
+function addStudyFiles(list) {
+  const files = [...list];
+  if (!files.length || study.busy || !study.name) return;
+  study.files.push(...files);
+  auditFiles(files);
+}
+
+function newStudy() {
+  study.files = [];
+  study.items = null;
+  study.seen = 0;
+  $("study-new").disabled = true;
+  $("study-status").textContent = "No files yet.";
+  renderStudy();
+}
+
+function renderModelCard(card) {
+  const body = $("study-card-body");
+  const parts = [];
+  for (const [key, title] of [["summary", "Model"], ["intended_use", "Intended use"],
+    ["training_data", "Training data"], ["folding", "Classes"],
+    ["not_medical_device", "Status"]]) {
+    if (card[key]) parts.push(el("p", {}, el("strong", { text: `${title}. ` }), card[key]));
+  }
+  if (card.accuracy && card.accuracy.length) {
+    parts.push(el("p", {}, el("strong", { text: "Measured accuracy." })));
+    parts.push(el("ul", {}, ...card.accuracy.map((a) =>
+      el("li", {}, `${a.what}: `, el("strong", { text: a.result })))));
+  }
+  if (card.failure_modes && card.failure_modes.length) {
+    parts.push(el("p", {}, el("strong", { text: "Known failure modes." })));
+    parts.push(el("ul", {}, ...card.failure_modes.map((f) => el("li", { text: f }))));
+  }
+  body.replaceChildren(...parts);
+}
+
+async function loadStudy() {
+  try {
+    const res = await fetch(`${API}/checklists`);
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const body = await res.json();
+    study.checklists = body.checklists.filter((c) => c.assessed.length);
+    study.name = body.default;
+    $("study-checklist").replaceChildren(...study.checklists.map((c) =>
+      el("option", { value: c.name, selected: c.name === study.name }, c.title)));
+    renderStudy();
+  } catch (err) {
+    $("study-status").textContent = `Could not load the checklists (${err.message}).`;
+  }
+  try {
+    const res = await fetch(`${API}/model/card`);
+    if (res.ok) renderModelCard(await res.json());
+  } catch (err) {
+    $("study-card-body").textContent = `Could not load the model card (${err.message}).`;
+  }
+}
+
+function wireStudy() {
+  const input = $("study-input");
+  const zone = $("study-drop");
+  $("study-pick").addEventListener("click", () => input.click());
+  input.addEventListener("change", () => {
+    addStudyFiles(input.files);
+    input.value = "";
+  });
+  $("study-new").addEventListener("click", newStudy);
+  $("study-checklist").addEventListener("change", (e) => {
+    study.name = e.target.value;
+    const files = study.files;
+    newStudy();
+    if (files.length) { study.files = files; auditFiles(files); } // the same files, re-checked
+  });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("is-over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("is-over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("is-over");
+    if (e.dataTransfer && e.dataTransfer.files.length) addStudyFiles(e.dataTransfer.files);
+  });
+}
+
+wireStudy();
+loadStudy();
