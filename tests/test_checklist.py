@@ -153,3 +153,28 @@ def test_empty_study_and_streaming_input():
     assert res.missing == ["Brain", "Heart", "Femur"]
     nothing = evaluate_checklist(SMALL, [], ["Other view"])
     assert nothing.completeness is None and nothing.to_dict()["summary"]["complete"] is False
+
+
+def test_report_escapes_names_and_carries_no_script(tmp_path):
+    from fetalplanes.workflows.audit import (
+        SourceFile,
+        Study,
+        StudyAudit,
+        StudyScan,
+        department_summary,
+    )
+    from fetalplanes.workflows.report import department_report, study_report
+
+    evil = '<script>alert(1)</script>"onload=x.mp4'
+    obs = _video(["Fetal brain"] * 3 + ["not_target"], [0.9, 0.95, 0.9, 0.8], source=evil,
+                 not_target=[False, False, False, True])
+    study = Study("s<1>", "one recording", [SourceFile(evil, "video", "x")])
+    audit = StudyAudit(study, StudyScan(obs, MODEL), evaluate_checklist(SMALL, obs, MODEL))
+    data = audit.to_dict({"name": "m<b>", "card": {"summary": "<img src=x onerror=y>"}})
+    html = study_report(data, obs, {})
+    dep = department_report(department_summary([audit], SMALL) | {"salt": "<u>salt</u>"})
+    for page in (html, dep):
+        assert "<script" not in page and "<img src=x" not in page and "<u>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;onload=x.mp4" in html
+    assert "<svg" in html and "best frame of Brain at 0.10 s" in html
+    assert 'id="missing"' in html and "Femur" in html.split('id="missing"')[1][:300]
