@@ -178,3 +178,17 @@ def test_report_escapes_names_and_carries_no_script(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;onload=x.mp4" in html
     assert "<svg" in html and "best frame of Brain at 0.10 s" in html
     assert 'id="missing"' in html and "Femur" in html.split('id="missing"')[1][:300]
+
+
+def test_zero_shot_fold_of_a_views13_card():
+    """The predictor's folding hook (zero_shot_fold) gives the 13 views + not_target."""
+    from fetalplanes.data.preprocess import Preprocess
+    from fetalplanes.inference.predictor import zero_shot_fold
+    from fetalplanes.models.card import ModelCard
+
+    card = ModelCard("sononet16", list(SONONET_LABELS), Preprocess(size=(224, 288)),
+                     preset="views13")
+    fold = zero_shot_fold(card)
+    probs, names = fold(np.eye(14, dtype=np.float32))
+    assert names == [*VIEWS13, NOT_TARGET]
+    assert [names[i] for i in probs.argmax(1)] == [SONONET_TO_VIEW[x] for x in SONONET_LABELS]

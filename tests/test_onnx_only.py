@@ -44,6 +44,22 @@ def test_cli_predict_with_the_bundled_model_never_imports_torch(tmp_path: Path) 
     assert got == {"rc": [0, 0], "torch": False, "n": 13}, got
 
 
+def test_cli_audit_with_the_bundled_model_never_imports_torch(tmp_path: Path) -> None:
+    frames = need_shared(FRAMES)
+    code = (
+        "import sys, json\n"
+        "from typer.testing import CliRunner\n"
+        "from fetalplanes.cli import app\n"
+        f"r = CliRunner().invoke(app, ['audit', {str(frames)!r}, '--out',"
+        f" {str(tmp_path / 'audit')!r}, '-q'])\n"
+        "print(json.dumps({'rc': r.exit_code, 'torch': 'torch' in sys.modules}))\n"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": False}
+    assert (tmp_path / "audit" / "example_images" / "report.html").is_file()
+
+
 def test_server_app_with_the_bundled_model_never_imports_torch() -> None:
     pytest.importorskip("fastapi", reason="fastapi not installed: pip install .[serve]")
     code = (
