@@ -8,20 +8,25 @@ from typing import Annotated
 
 import typer
 
-from fetalplanes.cli.common import (
-    BackendArg,
+from fetalplanes.cli.common import fail, printable
+from fetalplanes.cli.options import (
+    BackendChoice,
     BackendOpt,
+    EveryOpt,
+    FpsOpt,
+    MinConfidenceOpt,
     QuietOpt,
     WeightsOpt,
-    build_predictor,
-    fail,
-    printable,
+    WorkersOpt,
+    load_model,
+    model_spec,
 )
 from fetalplanes.console import report_failures
 from fetalplanes.errors import FetalPlanesError
+from fetalplanes.inference.model_spec import GRAMMAR
 
 #: Default OUT is AUDITS_DIR/audit, then audit-1, audit-2 ...: never an existing folder.
-AUDITS_DIR = Path("audits")
+AUDITS_DIR = Path("runs") / "audit"
 
 
 class StudyBy(str, Enum):
@@ -53,7 +58,7 @@ def audit(
     ],
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder, new or empty (default audits/audit, -1, -2...)."),
+        typer.Option(help="Output folder, new or empty (default runs/audit/audit, -1, -2...)."),
     ] = None,
     checklist: Annotated[
         str,
@@ -67,9 +72,8 @@ def audit(
                      "study; file: each file; one: everything is one study."),
     ] = StudyBy.auto,
     model: Annotated[
-        str,
-        typer.Option(help="A run folder, an .onnx file or a pretrained name (the bundled "
-                          "sononet16 by default)."),
+        str, typer.Option("--model", help=f"The model: {GRAMMAR}. Default: the bundled "
+                                          "sononet16.")
     ] = "sononet16",
     weights: WeightsOpt = None,
     preset: Annotated[
@@ -77,44 +81,41 @@ def audit(
         typer.Option(help="Fold a zero-shot model to this preset (default: the checklist's, "
                           "views13 for ISUOG)."),
     ] = None,
-    backend: BackendArg = BackendOpt.auto,
-    every: Annotated[int, typer.Option(help="In recordings, classify every K-th frame.")] = 1,
+    backend: BackendOpt = BackendChoice.auto,
+    every: EveryOpt = 1,
     window: Annotated[
         int, typer.Option(help="Frames in the centred smoothing window of recordings (odd).")
     ] = 5,
-    fps: Annotated[
-        float | None, typer.Option(help="Frame rate of a recording that declares none.")
-    ] = None,
-    min_confidence: Annotated[
-        float, typer.Option("--min-confidence", help="Below this a frame is uncertain and "
-                            "does not count.")
-    ] = 0.5,
+    fps: FpsOpt = None,
+    min_confidence: MinConfidenceOpt = 0.5,
     salt_file: Annotated[
         Path | None,
         typer.Option("--salt-file", help="Secret salt for the operator/machine/site "
                      "pseudonyms (created if absent; keep it private and reuse it to compare "
                      "audits). Default: $FETALPLANES_AUDIT_SALT, else a new OUT/salt.txt."),
     ] = None,
+    workers: WorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Which standard views each study holds, the best frame of each, what is missing:
     OUT/<study>/checklist.json + report.html, and OUT/department.html/.json, studies.csv."""
-    from fetalplanes.inference.timeline import check_options
     from fetalplanes.models.model_card import card_for
     from fetalplanes.workflows.audit import AuditOptions, run_audit
     from fetalplanes.workflows.checklist import load_checklist
+    from fetalplanes.workflows.scan import check_options
 
     check_options(every, window)
     chosen = load_checklist(checklist)
     folder = _out_folder(out)
-    predictor = build_predictor(None, model, weights, preset or chosen.preset, backend.value,
-                                False, min_confidence)
+    predictor = load_model(model_spec(model, weights, preset or chosen.preset, backend,
+                                      min_confidence=min_confidence))
     zero_shot = predictor.fold is not None
     card = {"name": model, "preset": predictor.card.preset if zero_shot else None,
             "classes": predictor.output_classes,
             "card": card_for(predictor.card, Path(model).name, zero_shot)}
     result = run_audit(inputs, folder, predictor, chosen, study_by=study_by.value,
-                       options=AuditOptions(every=every, window=window, fps=fps),
+                       options=AuditOptions(every=every, window=window, fps=fps,
+                                            workers=workers),
                        salt_file=salt_file, model=card, progress=not quiet)
     if result.problems:
         report_failures(result.problems)

@@ -22,7 +22,6 @@ from pydantic import BaseModel, Field
 
 from fetalplanes.errors import FetalPlanesError, ImageError
 from fetalplanes.inference.predictor import Predictor
-from fetalplanes.inference.timeline import DEFAULT_WINDOW, ScanLimitError
 from fetalplanes.models.model_card import card_for
 from fetalplanes.serving.batching import MicroBatcher
 from fetalplanes.serving.scan import MAX_SCAN_FRAMES
@@ -42,6 +41,7 @@ from fetalplanes.workflows.checklist import (
     builtin_checklists,
     load_checklist,
 )
+from fetalplanes.workflows.scan import DEFAULT_WINDOW, ScanLimitError
 
 AUDIT = "/api/v1/audit"
 
@@ -198,7 +198,8 @@ def _finite(obj: Any) -> Any:
 
 def run_audit_request(predictor: Predictor, uploads: list[Upload], checklist: Checklist,
                       every: int, window: int, model: dict[str, Any]) -> dict[str, Any]:
-    options = AuditOptions(every=every, window=window, max_frames=MAX_SCAN_FRAMES)
+    options = AuditOptions(every=every, window=window, max_frames=MAX_SCAN_FRAMES,
+                           workers=0)  # in this thread: a server never forks decoders
     files = [(u.filename, u.data) for u in uploads]
     return audit_uploads(predictor, files, checklist, options, model)
 

@@ -35,8 +35,9 @@ import numpy as np
 from fetalplanes._version import __version__
 from fetalplanes.console import info, plural
 from fetalplanes.data.images import IMAGE_EXTENSIONS, opencv
+from fetalplanes.data.sources import mark_output
 from fetalplanes.data.video import natural_key
-from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.errors import FetalPlanesError, ImageError, NoInputError
 from fetalplanes.workflows.checklist import (
     NOT_ASSESSED,
     PRESENT,
@@ -348,6 +349,7 @@ class AuditOptions:
     batch_size: int = 8
     fps: float | None = None
     max_frames: int | None = None
+    workers: int | None = None  # decode processes (0: in this process, as a server does)
 
 
 @dataclass
@@ -400,70 +402,62 @@ def model_views(predictor: Any) -> list[str]:
 
 def _classify_study(predictor: Any, study: Study, options: AuditOptions,
                     progress: bool = False) -> StudyScan:
-    """THE adapter to the inference engine: every call that classifies frames is here.
+    """Classify a study through the one engine (`Predictor.stream`): still images (files or
+    uploads; a single-frame DICOM cropped to its declared region by the engine's rule) as
+    items, recordings (video, DICOM cine) through `workflows.scan`, whose smoothed labels
+    become the observations. Returns observations in input order, the recordings' facts
+    and the pixels of candidate best frames (a still on disk is re-read later; an upload's
+    frame and a recording's best frames are kept)."""
+    from contextlib import ExitStack
 
-    Still images (files or uploads; a single-frame DICOM is cropped to its B-mode region) go
-    through `Predictor.predict_paths` / `predict_arrays`; recordings (video, DICOM cine)
-    through `inference.timeline.scan`, whose smoothed labels become the observations. Returns
-    observations in input order, the recordings' facts and the pixels of candidate best
-    frames (every still's own best is re-read later; a recording keeps each plane's best).
-    """
-    from fetalplanes.data.loading import read_dicom_item
-    from fetalplanes.data.video import open_source, open_upload
-    from fetalplanes.inference.timeline import scan
+    from fetalplanes.data.sources import file_source, iter_items, load, open_source, upload_source
+    from fetalplanes.workflows.scan import scan
 
     start = time.perf_counter()
     out = StudyScan([], model_views(predictor))
     stills = [f for f in study.files if not f.recording]
-    on_disk = [f for f in stills if f.data is None]
-    if on_disk:
-        preds = predictor.predict_paths([str(f.path) for f in on_disk], progress=progress,
-                                        desc=f"{study.label}: images")
-        for f, pred in zip(on_disk, preds, strict=True):
-            _still(out, f.name, pred)
-    uploaded = [f for f in stills if f.data is not None]
-    for i in range(0, len(uploaded), UPLOAD_BATCH):
-        names, grays = [], []
-        for f in uploaded[i : i + UPLOAD_BATCH]:
+    with ExitStack() as stack:
+        sources = [upload_source(f.data, f.name, stack) if f.data is not None
+                   else file_source(f.path, f.name) for f in stills]
+        stream = predictor.stream(iter_items(sources), batch_size=UPLOAD_BATCH,
+                                  workers=options.workers, expected=len(sources),
+                                  progress=progress, desc=f"{study.label}: images")
+        for f, result in zip(stills, stream, strict=True):
+            _still(out, f.name, result.prediction)
+            if f.data is not None and result.prediction.ok:  # no file to re-read later
+                out.thumbs[(f.name, None)] = _shrink(load(result.item).cropped(), THUMB_KEEP)
+        for f in (f for f in study.files if f.recording):
             try:
-                gray = (read_dicom_item(f.data, f.name, None)[0] if f.kind == "dicom"
-                        else _decode(f.data, f.name))
+                source = (stack.enter_context(_upload(f)) if f.data is not None
+                          else open_source(f.path, options.fps))
+                result = _scan(scan, predictor, source, options, progress)
             except ImageError as exc:
                 out.failures.append(str(exc))
                 continue
-            names.append(f.name)
-            grays.append(gray)
-            out.thumbs[(f.name, None)] = _shrink(gray, THUMB_KEEP)  # no file to re-read
-        for name, pred in zip(names, predictor.predict_arrays(grays, names), strict=True):
-            _still(out, name, pred)
-    for f in (f for f in study.files if f.recording):
-        try:
-            if f.data is not None:
-                with open_upload(f.data, f.name, options.fps) as source:
-                    result = _scan(scan, predictor, source, options, progress)
-            else:
-                result = _scan(scan, predictor, open_source(f.path, options.fps), options,
-                               progress)
-        except ImageError as exc:
-            out.failures.append(str(exc))
-            continue
-        out.recordings.append(Recording(f.name, result.kind, result.fps, result.every,
-                                        len(result.rows), result.duration_s))
-        for row in result.rows:
-            out.observations.append(Observation(
-                f.name, row.label, float(row.prediction.probs.get(row.label, row.confidence)),
-                frame=row.frame, time_s=row.time_s, not_target=row.not_target,
-                uncertain=row.uncertain, frame_rejected=row.prediction.not_target))
-        for best in result.best.values():
-            out.thumbs[(f.name, best.frame)] = best.pixels
+            out.recordings.append(Recording(f.name, result.kind, result.fps, result.every,
+                                            len(result.rows), result.duration_s))
+            for row in result.rows:
+                out.observations.append(Observation(
+                    f.name, row.label,
+                    float(row.prediction.probs.get(row.label, row.confidence)),
+                    frame=row.frame, time_s=row.time_s, not_target=row.not_target,
+                    uncertain=row.uncertain, frame_rejected=row.prediction.not_target))
+            for best in result.best.values():
+                out.thumbs[(f.name, best.frame)] = best.pixels
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _upload(f: SourceFile) -> Any:
+    from fetalplanes.data.sources import open_upload
+
+    return open_upload(f.data or b"", f.name)
 
 
 def _scan(scan: Any, predictor: Any, source: Any, options: AuditOptions, progress: bool) -> Any:
     return scan(predictor, source, every=options.every, window=options.window,
                 batch_size=options.batch_size, max_frames=options.max_frames,
-                progress=progress)
+                progress=progress, workers=options.workers)
 
 
 def _still(out: StudyScan, name: str, pred: Any) -> None:
@@ -584,7 +578,7 @@ def _read_still(src: SourceFile) -> np.ndarray | None:
 
 def _read_frames(src: SourceFile, frames: set[int]) -> dict[int, np.ndarray]:
     """Frames of a recording on disk, in one pass up to the last one wanted."""
-    from fetalplanes.data.video import open_source
+    from fetalplanes.data.sources import open_source
 
     if src.path is None:
         return {}
@@ -757,9 +751,10 @@ def run_audit(
                          str((model or {}).get("name", "the model")))
     sources, problems = find_sources(inputs)
     if not sources:
-        raise FetalPlanesError(f"{', '.join(map(str, inputs))}: no images, DICOM files or "
-                               "videos found" + (f" ({problems[0]})" if problems else ""))
+        raise NoInputError(f"{', '.join(map(str, inputs))}: no images, DICOM files or "
+                           "videos found" + (f" ({problems[0]})" if problems else ""))
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "audit")  # input listings skip it
     salt, salt_how = resolve_salt(salt_file, out)
     studies = group_studies(sources, study_by, Pseudonyms(salt))
     settings = {"study_by": study_by, "every": options.every, "window": options.window,
