@@ -82,6 +82,7 @@ EXTRAS = {
     "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
     "pytorch_grad_cam": "explain", "optuna": "tune",
     "pydicom": "dicom", "pylibjpeg": "dicom", "tensorboard": "tensorboard",
+    "pynetdicom": "network", "highdicom": "network", "dicomweb_client": "network",
     "mlflow": "mlflow", "ray": "ray",
 }
 
