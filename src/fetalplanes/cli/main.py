@@ -16,6 +16,7 @@ from fetalplanes.cli import (
     auditing,
     data,
     evaluation,
+    network,
     prediction,
     scanning,
     serving,
@@ -77,6 +78,7 @@ COMMANDS = {
     "scan": scanning.scan,
     "deid": scanning.deid,
     "audit": auditing.audit,
+    "listen": network.listen,
 }
 
 for _name, _fn in COMMANDS.items():

@@ -1,0 +1,122 @@
+"""DICOM network commands: `listen` (a Storage SCP that classifies what it receives) and
+`pacs pull|push|classify` (DICOMweb against a PACS)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fetalplanes.cli.common import (
+    BackendArg,
+    BackendOpt,
+    MinConfidenceOpt,
+    PresetOpt,
+    QuietOpt,
+    WeightsOpt,
+    build_predictor,
+    fail,
+)
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="Model: a run folder, an .onnx file or a pretrained name "
+                   "(default: the bundled sononet16)."),
+]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """One line per event on stderr (associations, batches, studies): never patient data."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("fetalplanes")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def listen(
+    model: ModelArg = "sononet16",
+    out: Annotated[Path, typer.Option("--out", help="Output folder: received instances, "
+                                      "results, SR/KOS reports, journal (created).")] = ...,
+    port: Annotated[int, typer.Option(min=0, max=65535,
+                                      help="TCP port (0: a free one, printed).")] = 11112,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")
+                        ] = "FETALPLANES",
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback opens "
+                                      "the node to the network (a warning is printed).")
+                    ] = "127.0.0.1",
+    allow: Annotated[list[str] | None, typer.Option(
+        "--allow", help="Accept associations only from this calling AE title (repeatable); "
+        "others are rejected.")] = None,
+    forward: Annotated[str | None, typer.Option(
+        "--forward", help="Send the originals and the SR/KOS results on to this node, "
+        "AET@HOST:PORT (e.g. a PACS).")] = None,
+    backend: BackendArg = BackendOpt.auto,
+    weights: WeightsOpt = None,
+    preset: PresetOpt = "seed4",
+    min_confidence: MinConfidenceOpt = 0.5,
+    batch: Annotated[int, typer.Option(min=1, help="Instances classified per model call "
+                                       "at most.")] = 16,
+    settle: Annotated[float, typer.Option(min=0.0, help="Seconds without a new instance "
+                                          "before a study's results are forwarded.")] = 5.0,
+    quiet: QuietOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every instance.")
+                       ] = False,
+) -> None:
+    """Receive ultrasound over DICOM (C-STORE), classify every frame, write results.
+
+    Accepts C-ECHO and Ultrasound (Multi-frame) Image and Secondary Capture storage.
+    Each instance is stored durably before Success is answered; per study a
+    Comprehensive SR and a Key Object Selection (best frame of each plane) are written
+    under OUT/reports. SIGTERM or Ctrl-C finishes the associations in flight first.
+    """
+    from fetalplanes.workflows.dicom_listen import Listener, Peer, model_info
+
+    peer = Peer.parse(forward) if forward else None
+    if len(ae_title.strip()) == 0 or len(ae_title) > 16:
+        fail(f"--ae-title {ae_title!r}: 1 to 16 characters")
+    setup_logging(quiet, verbose)
+    predictor = build_predictor(None, model, weights, preset, backend.value, False,
+                                min_confidence)
+    info = model_info(predictor, _model_name(model), backend.value)
+    listener = Listener(predictor, out, info, ae_title=ae_title, host=host, port=port,
+                        allow=allow or (), forward=peer, batch=batch, settle=settle)
+    if host not in LOOPBACK:
+        typer.secho(f"warning: listening on {host}: any host that reaches it can send "
+                    "images (use --allow to name the senders)", fg=typer.colors.YELLOW,
+                    err=True)
+    stop = threading.Event()
+    _on_signals(stop)
+    listener.start()
+    typer.echo(f"fetalplanes: listening as {ae_title} on {host}:{listener.port}; "
+               f"results in {out}", err=False)
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        pass
+    typer.echo("fetalplanes: stopping (finishing associations in flight)", err=True)
+    listener.stop()
+
+
+def _on_signals(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: stop gracefully; a second one ends at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _model_name(spec: str) -> str:
+    path = Path(spec)
+    return path.stem if path.suffix == ".onnx" else path.name or spec

@@ -1,0 +1,913 @@
+"""A DICOM Storage SCP that classifies what scanners send (`fetalplanes listen`).
+
+Scanners send ultrasound over the DICOM network (C-STORE), not as files. This node accepts
+Verification and Ultrasound (multi-frame) Image and Secondary Capture storage in the
+transfer syntaxes the reader decodes, and for each instance:
+
+1. checks it with the reader's header guard (`data.dicom.open_dicom`: malformed data sets
+   and oversized declared images are refused *before any pixel is decoded*, with a failure
+   status; a refused instance is not stored);
+2. writes it durably (temporary file, fsync, rename, fsync of the folder) and only then
+   answers Success: nothing acknowledged is lost if the process is killed the next moment;
+3. classifies every frame (one adapter function, `classify_instances`), writes the
+   per-instance results in the one result schema (`Prediction.to_dict`), and per study the
+   DICOM results: a Comprehensive SR and a Key Object Selection (`dicom_results`);
+4. with `forward`, sends the originals and the settled results on to another node (a PACS).
+
+The output folder is its own journal: ``instances/STUDY/SOP.dcm`` (received), ``results/
+STUDY/SOP.json`` (classified), ``reports/STUDY/{sr,kos}.dcm``, ``state.json`` (per study,
+written atomically) and ``forwarded.log``. A restart classifies what was stored but not yet
+classified, rewrites stale study results and forwards what was not forwarded; an instance
+received twice (same SOP Instance UID) is stored and classified once. Logs name AE titles,
+addresses and UIDs, never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fetalplanes._version import __version__
+from fetalplanes.data.items import parse_frame_name
+from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.inference.results import Prediction
+from fetalplanes.workflows.dicom_results import (
+    FrameResult,
+    SourceInstance,
+    StudyIdentity,
+    best_frame_results,
+    build_kos,
+    build_sr,
+)
+
+log = logging.getLogger("fetalplanes.listen")
+
+ULTRASOUND = "1.2.840.10008.5.1.4.1.1.6.1"
+ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+VERIFICATION = "1.2.840.10008.1.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+#: Storage SOP classes accepted (the images fetalplanes classifies).
+STORAGE_CLASSES = (ULTRASOUND, ULTRASOUND_MULTIFRAME, SECONDARY_CAPTURE)
+#: Transfer syntaxes accepted when their decoder is installed (uncompressed ones always).
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>[0-9]{1,5})$")
+#: Results of a study are rewritten at most this often while instances keep coming.
+RESULTS_INTERVAL_S = 2.0
+#: A study's results are forwarded once no instance of it arrived for this long.
+SETTLE_S = 5.0
+#: A study's classified results leave memory after this long without new instances.
+STUDY_IDLE_S = 60.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote DICOM node, from `AET@HOST:PORT`."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        m = _PEER.match(text.strip())
+        if m is None or not 0 < int(m["port"]) < 65536:
+            raise FetalPlanesError(f"{text}: not a DICOM node; write it AET@HOST:PORT, "
+                                   "e.g. ORTHANC@127.0.0.1:4242")
+        return cls(m["aet"], m["host"].strip("[]"), int(m["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def valid_uid(uid: str) -> bool:
+    """A DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
+    return 0 < len(uid) <= 64 and _UID.match(uid) is not None
+
+
+def decodable_syntaxes() -> list[str]:
+    """The accepted transfer syntaxes whose pixel decoder is installed here."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    out = []
+    for ts in TRANSFER_SYNTAXES:
+        uid = UID(ts)
+        try:
+            if not uid.is_encapsulated or get_decoder(uid).is_available:
+                out.append(ts)
+        except NotImplementedError:
+            continue
+    return out
+
+
+# ----------------------------------------------------------------- classification adapter
+def classify_instances(predictor: Any, paths: Sequence[str | Path]) -> list[Prediction]:
+    """Every frame of these DICOM files through the one inference path.
+
+    The only call from the DICOM network into inference: rewire it here when the engine
+    changes. Each frame of a multi-frame file is its own item (`file.dcm#frame=N`,
+    `Prediction.frame` set); decoding runs in this thread (no worker processes), so a
+    long-running node holds the memory of one batch.
+    """
+    from fetalplanes.data.loading import list_items
+
+    return list(predictor.predict_paths(list_items([str(p) for p in paths]), workers=0))
+
+
+def model_info(predictor: Any, name: str, backend: str) -> dict[str, str]:
+    """What the results say about the model: name, version and a one-line card summary."""
+    card = predictor.card
+    classes = getattr(predictor, "output_classes", None) or list(card.classes)
+    rejection = card.rejection.get("method") or "none"
+    summary = (
+        f"{card.architecture} ({len(card.classes)} classes) -> {', '.join(classes)}; "
+        f"preset {card.preset}; temperature {card.temperature:g}; rejection {rejection}; "
+        f"uncertain below {predictor.min_confidence:g}; backend {backend}"
+    )
+    return {"name": name, "version": card.version or f"fetalplanes {__version__}",
+            "summary": summary}
+
+
+# ----------------------------------------------------------------- durable files
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (no-op where dirs cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, tmp_dir: Path, durable: bool = False) -> None:
+    """Write ``data`` to a temporary file in ``tmp_dir`` (same file system), then rename:
+    readers see the old file or the whole new one, never a part. ``durable``: fsync the
+    file before and the folder after the rename (survives a power cut)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def prediction_from_dict(d: dict[str, Any]) -> Prediction:
+    """Inverse of `Prediction.to_dict` for what the study results need."""
+    return Prediction(
+        path=str(d.get("path", "")),
+        label=str(d.get("label", "")),
+        confidence=float(d.get("confidence") or 0.0),
+        probs={str(k): float(v or 0.0) for k, v in (d.get("probabilities") or {}).items()},
+        not_target=bool(d.get("not_target", False)),
+        uncertain=bool(d.get("uncertain", False)),
+        rejection_score=d.get("rejection_score"),
+        frame=d.get("frame"),
+        error=d.get("error"),
+    )
+
+
+@dataclass
+class Received:
+    """A stored instance waiting for classification (no patient identity in it)."""
+
+    study_uid: str
+    instance: SourceInstance
+    path: Path
+    received_at: float  # time.time() when its last byte had arrived
+
+
+@dataclass
+class StudyState:
+    """What is known about one study in memory (rebuilt from disk after a restart)."""
+
+    identity: StudyIdentity | None = None
+    results: dict[str, list[FrameResult]] = field(default_factory=dict)
+    loaded: bool = False
+    dirty: bool = False
+    waiting: list[float] = field(default_factory=list)  # received_at of unreported ones
+    last_received: float = 0.0
+    last_written: float = 0.0
+    version: int = 0
+    sr_uid: str = ""
+    kos_uid: str = ""
+    forwarded: bool = True
+
+
+class OutputFolder:
+    """The listen output folder and its journal (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.instances = self.root / "instances"
+        self.results = self.root / "results"
+        self.reports = self.root / "reports"
+        self.incoming = self.root / ".incoming"
+        self.state_file = self.root / "state.json"
+        self.forward_log = self.root / "forwarded.log"
+        for folder in (self.instances, self.results, self.reports, self.incoming):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def instance_path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.instances / study_uid / f"{sop_uid}.dcm"
+
+    def result_path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.results / study_uid / f"{sop_uid}.json"
+
+    def report_paths(self, study_uid: str) -> tuple[Path, Path]:
+        folder = self.reports / study_uid
+        return folder / "sr.dcm", folder / "kos.dcm"
+
+    def clean_incoming(self) -> int:
+        """Remove partial files of associations that never finished (killed mid-write)."""
+        n = 0
+        for part in self.incoming.iterdir():
+            with contextlib.suppress(OSError):
+                part.unlink()
+                n += 1
+        return n
+
+    def stored(self) -> Iterable[tuple[str, str, Path]]:
+        """(study UID, SOP instance UID, path) of every stored instance."""
+        for study in sorted(self.instances.iterdir()):
+            if study.is_dir() and valid_uid(study.name):
+                for f in sorted(study.glob("*.dcm")):
+                    if valid_uid(f.stem):
+                        yield study.name, f.stem, f
+
+    def read_result(self, study_uid: str, sop_uid: str) -> dict[str, Any] | None:
+        """An instance's result record, or None when missing or unreadable (classify again)."""
+        try:
+            return json.loads(self.result_path(study_uid, sop_uid).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def load_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.state_file.read_text())
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def forwarded(self) -> set[str]:
+        """SOP instance UIDs already accepted by the forward peer (a torn last line is
+        ignored: that instance is sent again, which a PACS treats as the same object)."""
+        try:
+            lines = self.forward_log.read_text().splitlines()
+        except OSError:
+            return set()
+        return {line.split()[0] for line in lines if line.strip() and valid_uid(line.split()[0])}
+
+    def mark_forwarded(self, uids: Iterable[str]) -> None:
+        with open(self.forward_log, "a") as f:
+            f.writelines(f"{uid}\n" for uid in uids)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class ListenStats:
+    """Counters for logs and the benchmark."""
+
+    received: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    classified: int = 0
+    frames: int = 0
+    failed_frames: int = 0
+    reports: int = 0
+    forwarded: int = 0
+    forward_failed: int = 0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "latencies"}
+        lat = sorted(self.latencies)
+        if lat:
+            d["latency_p50_s"] = lat[len(lat) // 2]
+            d["latency_p95_s"] = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+        return d
+
+
+class Listener:
+    """The Storage SCP: receive -> durable write -> classify -> per-study DICOM results.
+
+    `start()` serves in background threads; `stop()` stops accepting, lets the
+    associations in flight finish, classifies what is queued and writes the results.
+    """
+
+    def __init__(
+        self,
+        predictor: Any,
+        out: Path,
+        model: dict[str, str],
+        ae_title: str = "FETALPLANES",
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        allow: Sequence[str] = (),
+        forward: Peer | None = None,
+        batch: int = 16,
+        results_interval: float = RESULTS_INTERVAL_S,
+        settle: float = SETTLE_S,
+    ):
+        self.predictor = predictor
+        self.folder = OutputFolder(out)
+        self.model = model
+        self.ae_title = ae_title
+        self.host, self.port = host, port
+        self.allow = [a.strip() for a in allow if a.strip()]
+        self.forward = forward
+        self.batch = max(1, batch)
+        self.results_interval = results_interval
+        self.settle = settle
+        self.stats = ListenStats()
+        self._queue: queue.Queue[Received] = queue.Queue()
+        self._studies: dict[str, StudyState] = {}
+        self._store_lock = threading.Lock()
+        self._study_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._classifier_done = threading.Event()
+        self._forwarder: Forwarder | None = None
+        self._server: Any = None
+        self._threads: list[threading.Thread] = []
+        self._assoc_counts: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Recover the folder's journal, then start classifying and serving."""
+        partial = self.folder.clean_incoming()
+        if partial:
+            log.info("removed %d partial file(s) of interrupted associations", partial)
+        if self.forward is not None:
+            self._forwarder = Forwarder(self.forward, self.ae_title, self.folder, self.stats)
+        self._recover()
+        worker = threading.Thread(target=self._classify_loop, name="classifier", daemon=True)
+        worker.start()
+        self._threads.append(worker)
+        if self._forwarder is not None:
+            self._forwarder.start()
+        self._server = self._make_ae().start_server(
+            (self.host, self.port), block=False, evt_handlers=self._handlers()
+        )
+        self.port = self._server.server_address[1]
+        log.info("listening as %s on %s:%d (%s)", self.ae_title, self.host, self.port,
+                 "calling AE titles: " + ", ".join(self.allow) if self.allow else "any AE title")
+
+    def stop(self, drain_timeout: float = 60.0) -> None:
+        """Stop accepting, finish the associations in flight, classify what was
+        received, write the study results and forward them (each step bounded)."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.shutdown()
+            deadline = time.monotonic() + drain_timeout
+            while server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in server.active_associations:  # too slow: the sender resends
+                assoc.abort()
+        self._stopping.set()
+        self._classifier_done.wait(drain_timeout)
+        if self._forwarder is not None:
+            self._forwarder.stop(drain_timeout)
+        log.info("stopped: %s", _counts(self.stats))
+
+    def __enter__(self) -> Listener:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until every received instance is classified and reported (tests, bench)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._study_lock:
+                busy = any(s.dirty for s in self._studies.values())
+            if self._queue.unfinished_tasks == 0 and not busy:
+                return True
+            time.sleep(0.05)
+        return False
+
+    # ------------------------------------------------------------ network
+    def _make_ae(self) -> Any:
+        from pynetdicom import AE
+
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        ae = AE(ae_title=self.ae_title)
+        syntaxes = decodable_syntaxes()
+        ae.add_supported_context(VERIFICATION)
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        if self.allow:
+            ae.require_calling_aet = self.allow
+        ae.maximum_associations = 8
+        ae.network_timeout = 60
+        ae.dimse_timeout = 60
+        return ae
+
+    def _handlers(self) -> list[tuple[Any, Any]]:
+        from pynetdicom import evt
+
+        return [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+
+    def _on_accepted(self, event: Any) -> None:
+        self._assoc_counts[id(event.assoc)] = [0, 0]
+
+    def _on_rejected(self, event: Any) -> None:
+        who = event.assoc.requestor
+        log.warning("refused association from %s (%s): calling AE title not allowed",
+                    who.ae_title, who.address)
+
+    def _on_closed(self, event: Any) -> None:
+        stored, refused = self._assoc_counts.pop(id(event.assoc), [0, 0])
+        who = event.assoc.requestor
+        how = "released" if event.event.name == "EVT_RELEASED" else "aborted"
+        log.info("association from %s (%s) %s: %d stored, %d refused", who.ae_title,
+                 who.address, how, stored, refused)
+
+    def _on_store(self, event: Any) -> Any:
+        """C-STORE: validate before decoding, store durably, then answer."""
+        received_at = time.time()
+        counts = self._assoc_counts.setdefault(id(event.assoc), [0, 0])
+        try:
+            status = self.receive(event.encoded_dataset(), received_at,
+                                  str(event.request.AffectedSOPClassUID),
+                                  str(event.request.AffectedSOPInstanceUID))
+        except OSError as exc:  # disk full, read-only folder: not stored, say so
+            log.error("cannot store an instance: %s", exc.strerror or exc)
+            status = _status(OUT_OF_RESOURCES, "cannot store: "
+                             + str(exc.strerror or "I/O error"))
+        ok = isinstance(status, int) and status == SUCCESS
+        counts[0 if ok else 1] += 1
+        return status
+
+    # ------------------------------------------------------------ receiving
+    def receive(self, data: bytes, received_at: float, sop_class: str, sop_uid: str) -> Any:
+        """Check, durably store and queue one encoded instance (file format bytes).
+        Returns SUCCESS or a status data set with a one-line Error Comment."""
+        from fetalplanes.data.dicom import open_dicom, read_header
+
+        label = f"instance {sop_uid}" if valid_uid(sop_uid) else "instance"
+        if sop_class not in STORAGE_CLASSES:
+            return self._refuse(0x0122, "SOP class not supported", sop_uid)
+        if not valid_uid(sop_uid):
+            return self._refuse(DOES_NOT_MATCH, "invalid SOP Instance UID", sop_uid)
+        try:
+            dcm = open_dicom(data, label)  # the one size guard: nothing decoded yet
+            header = read_header(data, label)
+        except ImageError as exc:
+            reason = str(exc).removeprefix(f"{label}: ")
+            if _is_size_refusal(reason):  # the comment is 64 characters at most
+                return self._refuse(OUT_OF_RESOURCES, reason, sop_uid,
+                                    "declared image over the size limit; not decoded")
+            return self._refuse(CANNOT_UNDERSTAND, reason, sop_uid)
+        study_uid = str(header.get("StudyInstanceUID", "") or "")
+        if str(header.get("SOPInstanceUID", "")) != sop_uid:
+            return self._refuse(DOES_NOT_MATCH, "SOP Instance UID differs from the request",
+                                sop_uid)
+        if str(header.get("SOPClassUID", "")) != sop_class:
+            return self._refuse(DOES_NOT_MATCH, "SOP Class UID differs from the request",
+                                sop_uid)
+        if not valid_uid(study_uid) or not valid_uid(str(header.get("SeriesInstanceUID", ""))):
+            return self._refuse(DOES_NOT_MATCH, "missing or invalid Study/Series UID", sop_uid)
+        instance = SourceInstance(sop_uid, sop_class, str(header.SeriesInstanceUID),
+                                  dcm.rows, dcm.columns, dcm.n_frames)
+        path = self.folder.instance_path(study_uid, sop_uid)
+        with self._store_lock:
+            if path.exists():  # sent again: already stored (and classified or queued)
+                self.stats.duplicates += 1
+                return SUCCESS
+            atomic_write(path, data, self.folder.incoming, durable=True)
+            self.stats.received += 1
+            self._remember_identity(study_uid, header)
+            self._queue.put(Received(study_uid, instance, path, received_at))
+        if self._forwarder is not None:
+            self._forwarder.put(path, sop_uid)
+        log.debug("stored %s (study %s)", sop_uid, study_uid)
+        return SUCCESS
+
+    def _refuse(self, code: int, message: str, sop_uid: str, comment: str = "") -> Any:
+        """A failure status with a one-line Error Comment; the full reason is logged."""
+        self.stats.refused += 1
+        log.warning("refused %s (status 0x%04X): %s",
+                    sop_uid if valid_uid(sop_uid) else "an instance", code, message)
+        return _status(code, comment or message)
+
+    def _remember_identity(self, study_uid: str, header: Any) -> None:
+        with self._study_lock:
+            state = self._studies.setdefault(study_uid, StudyState())
+            if state.identity is None:
+                state.identity = StudyIdentity.from_dataset(header)
+
+    # ------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        """Queue what was stored but not classified; mark studies whose reports are stale;
+        queue for forwarding what the peer has not accepted yet."""
+        state = self.folder.load_state().get("studies", {})
+        forwarded = self.folder.forwarded() if self._forwarder is not None else set()
+        todo = stale = 0
+        counts: dict[str, int] = {}
+        for study_uid, sop_uid, path in self.folder.stored():
+            counts[study_uid] = counts.get(study_uid, 0) + 1
+            if self._forwarder is not None and sop_uid not in forwarded:
+                self._forwarder.put(path, sop_uid)
+            if self.folder.read_result(study_uid, sop_uid) is not None:
+                continue
+            received = self._recovered(study_uid, sop_uid, path)
+            if received is not None:
+                self._queue.put(received)
+                todo += 1
+        for study_uid, n in counts.items():
+            st = self._studies.setdefault(study_uid, StudyState())
+            saved = state.get(study_uid, {})
+            st.version = int(saved.get("version", 0))
+            st.sr_uid, st.kos_uid = saved.get("sr_uid", ""), saved.get("kos_uid", "")
+            if saved.get("instances") != n:
+                st.dirty = True
+                stale += 1
+            elif self._forwarder is not None:
+                st.forwarded = not self._unforwarded_reports(study_uid, st, forwarded)
+        if todo or stale:
+            log.info("resuming: %d stored instance(s) to classify, %d study report(s) to "
+                     "rewrite", todo, stale)
+
+    def _unforwarded_reports(self, study_uid: str, st: StudyState, done: set[str]) -> bool:
+        return any(uid and uid not in done for uid in (st.sr_uid, st.kos_uid))
+
+    def _recovered(self, study_uid: str, sop_uid: str, path: Path) -> Received | None:
+        from pydicom.dataset import Dataset
+
+        from fetalplanes.data.dicom import open_dicom, read_header
+
+        try:
+            dcm = open_dicom(path, sop_uid)
+            header: Dataset = read_header(path, sop_uid)
+        except (ImageError, OSError) as exc:
+            log.warning("stored instance %s is unreadable: %s", sop_uid, exc)
+            return None
+        self._remember_identity(study_uid, header)
+        inst = SourceInstance(sop_uid, str(header.SOPClassUID), str(header.SeriesInstanceUID),
+                              dcm.rows, dcm.columns, dcm.n_frames)
+        return Received(study_uid, inst, path, time.time())
+
+    # ------------------------------------------------------------ classification
+    def _classify_loop(self) -> None:
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch:
+                    try:
+                        self._classify(batch)
+                    finally:
+                        for _ in batch:
+                            self._queue.task_done()
+                stopping = self._stopping.is_set() and self._queue.empty()
+                self._write_reports(final=stopping)
+                if stopping:
+                    return
+        except Exception:  # never die silently: the node would accept and not classify
+            log.exception("classification stopped")
+        finally:
+            self._classifier_done.set()
+
+    def _take_batch(self) -> list[Received]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self.batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _classify(self, batch: list[Received]) -> None:
+        started = time.monotonic()
+        by_path: dict[str, list[Prediction]] = {str(r.path): [] for r in batch}
+        try:
+            predictions = classify_instances(self.predictor, [r.path for r in batch])
+        except ImageError as exc:  # should not happen (errors come back per item)
+            predictions = []
+            log.error("classification failed: %s", exc)
+        for p in predictions:
+            by_path.setdefault(parse_frame_name(p.path)[0], []).append(p)
+        frames = 0
+        for r in batch:
+            preds = by_path.get(str(r.path), [])
+            frames += len(preds)
+            self._save_result(r, preds)
+        self.stats.classified += len(batch)
+        self.stats.frames += frames
+        log.info("classified %d instance(s), %d frame(s) in %.2f s", len(batch), frames,
+                 time.monotonic() - started)
+
+    def _save_result(self, r: Received, preds: list[Prediction]) -> None:
+        rel = r.path.relative_to(self.folder.root).as_posix()
+        for p in preds:  # paths relative to the output folder: the folder can move
+            frame = parse_frame_name(p.path)[1]
+            p.path = rel if frame is None else f"{rel}#frame={frame}"
+        self.stats.failed_frames += sum(not p.ok for p in preds)
+        inst = r.instance
+        record = {
+            "study_uid": r.study_uid,
+            "series_uid": inst.series_uid,
+            "sop_instance_uid": inst.sop_instance_uid,
+            "sop_class_uid": inst.sop_class_uid,
+            "rows": inst.rows,
+            "columns": inst.columns,
+            "frames": inst.n_frames,
+            "file": rel,
+            "model": self.model["name"],
+            "predictions": [p.to_dict() for p in preds],
+        }
+        data = json.dumps(record, indent=1).encode()
+        atomic_write(self.folder.result_path(r.study_uid, inst.sop_instance_uid), data,
+                     self.folder.incoming)
+        with self._study_lock:
+            st = self._studies.setdefault(r.study_uid, StudyState())
+            if st.loaded:
+                st.results[inst.sop_instance_uid] = [FrameResult(inst, p) for p in preds]
+            st.dirty = True
+            st.waiting.append(r.received_at)
+            st.last_received = max(st.last_received, r.received_at)
+
+    # ------------------------------------------------------------ study results
+    def _write_reports(self, final: bool = False) -> None:
+        """Rewrite the reports of studies with new results: when the queue is empty, or
+        at most every `results_interval` while instances keep coming; forward settled
+        ones; drop idle studies from memory."""
+        now = time.time()
+        idle = self._queue.empty()
+        with self._study_lock:
+            due = [uid for uid, st in self._studies.items() if st.dirty and (
+                idle or final or now - st.last_written >= self.results_interval)]
+        for uid in due:
+            self._write_study(uid)
+        if self._forwarder is not None:
+            self._forward_settled(now, final)
+        with self._study_lock:
+            for st in self._studies.values():
+                if st.loaded and not st.dirty and now - st.last_received > STUDY_IDLE_S:
+                    st.results, st.loaded = {}, False
+
+    def _write_study(self, study_uid: str) -> None:
+        with self._study_lock:
+            st = self._studies[study_uid]
+            waiting, st.waiting = st.waiting, []
+        try:
+            self._write_study_files(study_uid, st, waiting)
+        finally:
+            st.dirty = False  # (only this thread sets it: no result arrives meanwhile)
+
+    def _write_study_files(self, study_uid: str, st: StudyState, waiting: list[float]) -> None:
+        if not st.loaded:
+            self._load_study(study_uid, st)
+        results = [fr for frs in list(st.results.values()) for fr in frs]
+        identity = st.identity or self._identity_from_disk(study_uid)
+        if identity is None or not any(fr.prediction.ok for fr in results):
+            self._save_state()
+            return
+        st.identity = identity
+        sr_path, kos_path = self.folder.report_paths(study_uid)
+        st.version += 1
+        sr = build_sr(identity, results, self.model, instance_number=st.version)
+        self._save_dataset(sr, sr_path)
+        best = best_frame_results(results)
+        kos_uid = ""
+        if best:
+            kos = build_kos(identity, best, self.model, instance_number=st.version)
+            self._save_dataset(kos, kos_path)
+            kos_uid = str(kos.SOPInstanceUID)
+        elif kos_path.exists():
+            kos_path.unlink()
+        changed = (str(sr.SOPInstanceUID), kos_uid) != (st.sr_uid, st.kos_uid)
+        st.sr_uid, st.kos_uid = str(sr.SOPInstanceUID), kos_uid
+        st.last_written = time.time()
+        if changed:
+            st.forwarded = False
+        self.stats.reports += 1
+        for t in waiting:
+            self.stats.latencies.append(st.last_written - t)
+        self._save_state()
+        log.info("study %s: SR and KOS written (%d instance(s), %d frame(s), %d best)",
+                 study_uid, len(st.results), len(results), len(best))
+
+    def _save_dataset(self, ds: Any, path: Path) -> None:
+        from pydicom.filebase import DicomBytesIO
+
+        buf = DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        atomic_write(path, buf.getvalue(), self.folder.incoming)
+
+    def _load_study(self, study_uid: str, st: StudyState) -> None:
+        folder = self.folder.results / study_uid
+        results: dict[str, list[FrameResult]] = {}
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            record = self.folder.read_result(study_uid, f.stem)
+            if record is None:
+                continue
+            inst = SourceInstance(record["sop_instance_uid"], record["sop_class_uid"],
+                                  record["series_uid"], int(record.get("rows", 0)),
+                                  int(record.get("columns", 0)), int(record.get("frames", 1)))
+            results[inst.sop_instance_uid] = [
+                FrameResult(inst, prediction_from_dict(d)) for d in record["predictions"]]
+        with self._study_lock:
+            results.update(st.results)
+            st.results, st.loaded = results, True
+
+    def _identity_from_disk(self, study_uid: str) -> StudyIdentity | None:
+        from fetalplanes.data.dicom import read_header
+
+        for f in sorted((self.folder.instances / study_uid).glob("*.dcm")):
+            with contextlib.suppress(ImageError, OSError):
+                return StudyIdentity.from_dataset(read_header(f, f.stem))
+        return None
+
+    def _save_state(self) -> None:
+        with self._study_lock:
+            studies = {
+                uid: {"instances": len(st.results) if st.loaded else None,
+                      "version": st.version, "sr_uid": st.sr_uid, "kos_uid": st.kos_uid}
+                for uid, st in self._studies.items()
+            }
+        old = self.folder.load_state().get("studies", {})
+        for uid, entry in studies.items():  # an unloaded study keeps its saved count
+            if entry["instances"] is None:
+                entry["instances"] = old.get(uid, {}).get("instances")
+        state = {"format": 1, "model": self.model, "studies": studies}
+        atomic_write(self.folder.state_file, json.dumps(state, indent=1).encode(),
+                     self.folder.incoming)
+
+    def _forward_settled(self, now: float, final: bool) -> None:
+        assert self._forwarder is not None
+        with self._study_lock:
+            ready = [(uid, st) for uid, st in self._studies.items()
+                     if not st.forwarded and not st.dirty and st.sr_uid
+                     and (final or now - st.last_received >= self.settle)]
+            for _, st in ready:
+                st.forwarded = True
+        for uid, st in ready:
+            sr_path, kos_path = self.folder.report_paths(uid)
+            self._forwarder.put(sr_path, st.sr_uid)
+            if st.kos_uid:
+                self._forwarder.put(kos_path, st.kos_uid)
+
+
+def _status(code: int, comment: str) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _is_size_refusal(message: str) -> bool:
+    """The reader's size guard (frame pixels, decoded bytes, header element) said no."""
+    return "refusing to decode" in message or "bytes (over" in message
+
+
+def _counts(stats: ListenStats) -> str:
+    d = stats.as_dict()
+    keys = ("received", "duplicates", "refused", "classified", "frames", "reports",
+            "forwarded", "forward_failed")
+    return ", ".join(f"{k} {d[k]}" for k in keys)
+
+
+class Forwarder:
+    """Sends stored originals and settled results to another node, in the background, in
+    order, resending after connection failures; what the peer accepted is journaled."""
+
+    def __init__(self, peer: Peer, ae_title: str, folder: OutputFolder, stats: ListenStats):
+        self.peer, self.ae_title, self.folder, self.stats = peer, ae_title, folder, stats
+        self._queue: queue.Queue[tuple[Path, str] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
+        self._stop = threading.Event()
+        self._assoc: Any = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, path: Path, sop_uid: str) -> None:
+        self._queue.put((path, sop_uid))
+
+    def stop(self, timeout: float) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._stop.set()
+        self._thread.join(5)
+        self._release()
+
+    def _loop(self) -> None:
+        delay = 1.0
+        item = None
+        while not self._stop.is_set():
+            if item is None:
+                try:
+                    item = self._queue.get(timeout=1.0)
+                except queue.Empty:
+                    self._release()  # idle: do not hold the peer's association
+                    continue
+                if item is None:
+                    break
+            try:
+                self._send(*item)
+                item, delay = None, 1.0
+            except (ConnectionError, RuntimeError, OSError) as exc:
+                log.warning("forward to %s failed (%s); retrying in %.0f s", self.peer,
+                            _first_line(exc), delay)
+                self._release()
+                if self._stop.wait(delay):
+                    break
+                delay = min(delay * 2, 30.0)
+        self._release()
+
+    def _send(self, path: Path, sop_uid: str) -> None:
+        if not path.exists():
+            return
+        assoc = self._association()
+        status = assoc.send_c_store(path)
+        code = int(status.get("Status", -1)) if status else -1
+        if code == -1:
+            raise ConnectionError("no response from the peer")
+        if code == 0 or 0xB000 <= code <= 0xBFFF:
+            self.folder.mark_forwarded([sop_uid])
+            self.stats.forwarded += 1
+        else:  # refused by the peer: not retried (it would refuse again)
+            self.stats.forward_failed += 1
+            log.warning("forward of %s refused by %s: status 0x%04X", sop_uid, self.peer, code)
+
+    def _association(self) -> Any:
+        if self._assoc is not None and self._assoc.is_established:
+            return self._assoc
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.ae_title)
+        for sop_class in (*STORAGE_CLASSES, COMPREHENSIVE_SR, KEY_OBJECT_SELECTION):
+            syntaxes = (TRANSFER_SYNTAXES if sop_class in STORAGE_CLASSES
+                        else TRANSFER_SYNTAXES[:2])
+            for ts in syntaxes:  # one context each: the peer accepts what it can
+                ae.add_requested_context(sop_class, ts)
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
+        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
+        if not assoc.is_established:
+            raise ConnectionError(f"association with {self.peer} not established")
+        self._assoc = assoc
+        return assoc
+
+    def _release(self) -> None:
+        if self._assoc is not None:
+            with contextlib.suppress(Exception):
+                self._assoc.release()
+            self._assoc = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
