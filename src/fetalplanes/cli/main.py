@@ -41,6 +41,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect labelled data sets.", no_args_is_help=True,
                        rich_markup_mode=None)
 app.add_typer(data_app, name="data")
+pacs_app = typer.Typer(help="DICOMweb with a PACS: pull, push, classify a study in place.",
+                       no_args_is_help=True)
+app.add_typer(pacs_app, name="pacs")
 
 
 def _show_version(value: bool) -> None:
@@ -84,3 +87,6 @@ COMMANDS = {
 for _name, _fn in COMMANDS.items():
     app.command(_name)(guard(_fn))
 data_app.command("check")(guard(data.data_check))
+pacs_app.command("pull")(guard(network.pacs_pull))
+pacs_app.command("push")(guard(network.pacs_push))
+pacs_app.command("classify")(guard(network.pacs_classify))

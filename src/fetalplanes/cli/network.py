@@ -120,3 +120,131 @@ def _on_signals(stop: threading.Event) -> None:
 def _model_name(spec: str) -> str:
     path = Path(spec)
     return path.stem if path.suffix == ".onnx" else path.name or spec
+
+
+# ------------------------------------------------------------------ DICOMweb (pacs ...)
+UrlArg = Annotated[str, typer.Argument(help="DICOMweb root of the PACS, e.g. "
+                                       "http://127.0.0.1:8042/dicom-web")]
+UserOpt = Annotated[str | None, typer.Option(
+    "--user", help="HTTP user (default: $FETALPLANES_PACS_USER).")]
+PasswordOpt = Annotated[str | None, typer.Option(
+    "--password", help="HTTP password (default: $FETALPLANES_PACS_PASSWORD; prefer the "
+    "variable: options show in the process list). Never printed.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", help="Bearer token instead of a password (default: $FETALPLANES_PACS_TOKEN).")]
+ModalityOpt = Annotated[str | None, typer.Option(
+    "--modality", help="Only series of this modality, e.g. US (default: all).")]
+
+
+def _client(url: str, user: str | None, password: str | None, token: str | None) -> Any:
+    from fetalplanes.workflows.dicomweb import Credentials, connect
+
+    return connect(url, Credentials.resolve(user, password, token))
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def pacs_pull(
+    url: UrlArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for STUDY/SERIES/SOP.dcm "
+                                      "(created; files already there are skipped).")] = ...,
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", help="Every study from this date on (YYYY-MM-DD).")] = None,
+    modality: ModalityOpt = None,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    token: TokenOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download a study, or every study since a date (QIDO-RS, WADO-RS).
+
+    Instances keep the transfer syntax the PACS stored; each file is written atomically,
+    so an interrupted pull is resumed by running it again."""
+    from fetalplanes.workflows.dicomweb import pull
+
+    if (study is None) == (since is None):
+        fail("give either --study UID or --since DATE")
+    rep = pull(_client(url, user, password, token), url, out, study=study, since=since,
+               modality=modality, progress=_progress(quiet))
+    typer.echo(f"pulled {rep.transferred} instance(s), {rep.skipped} already in {out} "
+               f"({rep.found} found)")
+    _report_refused(rep.refused)
+
+
+def pacs_push(
+    url: UrlArg,
+    files: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    token: TokenOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Upload DICOM files with STOW-RS (resumable).
+
+    Instances the PACS already holds are skipped, so an interrupted push is resumed by
+    running it again."""
+    from fetalplanes.workflows.dicomweb import dicom_files, push
+
+    paths = dicom_files(files)
+    if not paths:
+        fail("no files to push")
+    rep = push(_client(url, user, password, token), url, paths, progress=_progress(quiet))
+    typer.echo(f"pushed {rep.transferred} instance(s), {rep.skipped} already on the PACS")
+    _report_refused(rep.refused)
+
+
+def pacs_classify(
+    url: UrlArg,
+    study: Annotated[str, typer.Option("--study", help="Study Instance UID.")],
+    model: Annotated[str, typer.Option("--model", help="Model: run folder, .onnx file or "
+                                       "pretrained name.")] = "sononet16",
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Work folder (default: ./pacs-classify/STUDY): pulled files, "
+        "results, SR/KOS; reused when run again.")] = None,
+    modality: Annotated[str | None, typer.Option(
+        "--modality", help="Classify series of this modality (default US; '' for all).")
+    ] = "US",
+    no_push: Annotated[bool, typer.Option("--no-push", help="Keep the SR and KOS local.")
+                       ] = False,
+    backend: BackendArg = BackendOpt.auto,
+    weights: WeightsOpt = None,
+    preset: PresetOpt = "seed4",
+    min_confidence: MinConfidenceOpt = 0.5,
+    user: UserOpt = None,
+    password: PasswordOpt = None,
+    token: TokenOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pull a study, classify every frame, push its SR and KOS back into the study."""
+    from fetalplanes.workflows.dicom_listen import model_info
+    from fetalplanes.workflows.dicomweb import classify_study
+
+    setup_logging(True)
+    client = _client(url, user, password, token)
+    predictor = build_predictor(None, model, weights, preset, backend.value, False,
+                                min_confidence)
+    info = model_info(predictor, _model_name(model), backend.value)
+    work = out or Path("pacs-classify") / study
+    res = classify_study(client, url, study, predictor, info, work, modality=modality or None,
+                         progress=_progress(quiet), push_results=not no_push)
+    stats = res["stats"]
+    typer.echo(f"classified {stats.frames} frame(s) of {stats.classified} instance(s) "
+               f"(study {study}); results in {work}")
+    if not res["reports"]:
+        fail("no frame could be classified: no SR or KOS written", 1)
+    if not no_push:
+        pushed = res["pushed"]
+        typer.echo(f"pushed {pushed.transferred} result document(s) (SR, KOS) to the study, "
+                   f"{pushed.skipped} already there")
+    _report_refused(res["pulled"].refused + res["pushed"].refused)
+
+
+def _report_refused(refused: list[str]) -> None:
+    for line in refused[:20]:
+        typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
+    if len(refused) > 20:
+        typer.secho(f"warning: ... and {len(refused) - 20} more", fg=typer.colors.YELLOW,
+                    err=True)

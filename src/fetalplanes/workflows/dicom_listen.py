@@ -371,8 +371,9 @@ class Listener:
         self._assoc_counts: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        """Recover the folder's journal, then start classifying and serving."""
+    def start(self, network: bool = True) -> None:
+        """Recover the folder's journal, then start classifying and (with `network`)
+        serving; without it, files come in through `receive_file` (DICOMweb pulls)."""
         partial = self.folder.clean_incoming()
         if partial:
             log.info("removed %d partial file(s) of interrupted associations", partial)
@@ -384,6 +385,8 @@ class Listener:
         self._threads.append(worker)
         if self._forwarder is not None:
             self._forwarder.start()
+        if not network:
+            return
         self._server = self._make_ae().start_server(
             (self.host, self.port), block=False, evt_handlers=self._handlers()
         )
@@ -529,6 +532,22 @@ class Listener:
             self._forwarder.put(path, sop_uid)
         log.debug("stored %s (study %s)", sop_uid, study_uid)
         return SUCCESS
+
+    def receive_file(self, data: bytes, received_at: float) -> str | None:
+        """Like a C-STORE of file bytes that came another way (a DICOMweb pull): the same
+        checks and storage. None when stored, else the one-line reason it was refused."""
+        from fetalplanes.data.dicom import read_header
+
+        try:
+            header = read_header(data, "instance")
+        except ImageError as exc:
+            self.stats.refused += 1
+            return str(exc)
+        status = self.receive(data, received_at, str(header.get("SOPClassUID", "")),
+                              str(header.get("SOPInstanceUID", "")))
+        if isinstance(status, int) and status == SUCCESS:
+            return None
+        return str(status.get("ErrorComment", "refused"))
 
     def _refuse(self, code: int, message: str, sop_uid: str, comment: str = "") -> Any:
         """A failure status with a one-line Error Comment; the full reason is logged."""
