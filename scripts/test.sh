@@ -3,7 +3,10 @@
 # Usage: bash scripts/test.sh [pytest args]    (re-running reuses .venv)
 #   fast lane:  bash scripts/test.sh -m "not slow"
 # System-wide: when run as root with apt-get available, it installs the Debian packages some
-# tests use (listed below; announced first); FETALPLANES_NO_SYSTEM_PACKAGES=1 skips that.
+# tests use (chromium for the browser test; orthanc, orthanc-dicomweb, dcmtk, dicom3tools for
+# the DICOM network tests; ghostscript, ffmpeg) and says so first; set
+# FETALPLANES_NO_SYSTEM_PACKAGES=1 to skip that (FETALPLANES_NO_BROWSER=1 still works).
+# Tests whose tools are missing skip with a one-line reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,27 +20,30 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 # Pinned torch/torchvision for reproducible tests (the package itself accepts a range).
 echo "test.sh: installing fetalplanes[dev] into .venv (pip)"
 python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
-# System-wide tools some tests use (each such test skips with a reason when its tool is
-# missing): chromium (browser tests), ghostscript (proves PostScript uploads never reach it),
-# ffmpeg (test clips), orthanc + orthanc-dicomweb (a real PACS), dcmtk and dicom3tools (DICOM
-# reference tools). Installed only as root with apt-get, and announced first;
-# FETALPLANES_NO_SYSTEM_PACKAGES=1 (or the older FETALPLANES_NO_BROWSER=1) skips this.
-SYSTEM_PACKAGES="chromium ghostscript ffmpeg orthanc orthanc-dicomweb dcmtk dicom3tools"
-if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] \
-   && [ "${FETALPLANES_NO_SYSTEM_PACKAGES:-${FETALPLANES_NO_BROWSER:-0}}" != 1 ]; then
-  missing=$(for p in $SYSTEM_PACKAGES; do
-              dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
-            done | xargs)
-  if [ -n "$missing" ]; then
-    echo "test.sh: installing Debian packages system-wide for tests: $missing" \
-         "(apt-get; FETALPLANES_NO_SYSTEM_PACKAGES=1 skips this)"
-    # shellcheck disable=SC2086
-    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null 2>&1 \
-      || (apt-get update -q >/dev/null 2>&1 \
-          && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null 2>&1)) \
-      && echo "test.sh: installed $missing" \
-      || echo "test.sh: could not install all of: $missing; tests needing them will be skipped"
-  fi
+NO_SYSTEM=${FETALPLANES_NO_SYSTEM_PACKAGES:-${FETALPLANES_NO_BROWSER:-0}}
+# Debian package -> a file it installs (already there: nothing to do)
+SYSTEM_PACKAGES="chromium:/usr/bin/chromium orthanc:/usr/sbin/Orthanc
+orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so dcmtk:/usr/bin/storescu
+dicom3tools:/usr/bin/dciodvfy ghostscript:/usr/bin/gs ffmpeg:/usr/bin/ffmpeg"
+MISSING=""
+for entry in $SYSTEM_PACKAGES; do
+  [ -e "${entry#*:}" ] || MISSING="$MISSING ${entry%%:*}"
+done
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -n "$MISSING" ] \
+   && [ "$NO_SYSTEM" != 1 ]; then
+  # Browser, PACS (Orthanc + DICOMweb), DICOM tools: the tests needing them skip without
+  echo "test.sh: installing Debian packages system-wide for the browser, PACS and DICOM" \
+       "tests:$MISSING (apt-get; FETALPLANES_NO_SYSTEM_PACKAGES=1 skips this)"
+  UPDATED=0
+  for pkg in $MISSING; do  # one at a time: a package missing from the mirror skips alone
+    if ! apt-get install -y -q --no-install-recommends "$pkg" >/dev/null 2>&1; then
+      [ "$UPDATED" = 1 ] || { apt-get update -q >/dev/null 2>&1 || true; UPDATED=1; }
+      apt-get install -y -q --no-install-recommends "$pkg" >/dev/null 2>&1 \
+        || { echo "test.sh: could not install $pkg; the tests needing it will be skipped"; \
+             continue; }
+    fi
+    echo "test.sh: installed $pkg"
+  done
 fi
 ruff check src tests
 lint-imports
