@@ -202,7 +202,9 @@ def bench_cmd(
         typer.Option(
             "--only",
             help="zero-shot: only the bundled SonoNet-16 rows (end to end per backend, one "
-            "image, peak memory, and a plain batch-1 loop as the baseline).",
+            "image, peak memory, and a plain batch-1 loop as the baseline). network: the "
+            "DICOM node (storescu -> listen over loopback: frames/s, memory, SR latency; "
+            "needs dcmtk).",
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -222,11 +224,15 @@ def bench_cmd(
         rss_images=rss_images,
         workers=workers,
     )
-    if only not in (None, "zero-shot"):
-        fail(f"--only {only}: choose zero-shot")
+    if only not in (None, "zero-shot", "network"):
+        fail(f"--only {only}: choose zero-shot or network")
     started = time.perf_counter()
     if only == "zero-shot":
         report = run_zero_shot(opts, progress=not quiet)
+    elif only == "network":
+        from fetalplanes.tools.network_bench import run_network
+
+        report = run_network(opts, progress=not quiet)
     else:
         report = run_bench(opts, progress=not quiet)
         if device is BenchDevice.cpu:

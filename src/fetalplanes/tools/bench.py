@@ -57,6 +57,8 @@ CPU_TARGETS: tuple[tuple[str, str, float, str], ...] = (
     ("zero_shot_onnx_peak_mb", "<=", 800.0, "SonoNet-16 predict peak memory, MB"),
     ("zero_shot_onnx_one_image_s", "<=", 1.5, "SonoNet-16 one image on the CLI, s"),
     ("scan_fps", ">=", 25.0, "scan of a clip with SonoNet-16, frames/s"),
+    ("network_onnx-int8_frames_s", ">=", 40.0, "DICOM node, storescu -> listen, frames/s (int8)"),
+    ("network_onnx_frames_s", ">=", 25.0, "DICOM node, storescu -> listen, frames/s (fp32)"),
 )
 
 

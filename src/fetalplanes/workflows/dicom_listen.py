@@ -24,24 +24,22 @@ addresses and UIDs, never patient names or IDs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import queue
-import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fetalplanes._version import __version__
 from fetalplanes.data.items import parse_frame_name
-from fetalplanes.errors import FetalPlanesError, ImageError
+from fetalplanes.errors import ImageError
 from fetalplanes.inference.results import Prediction
+from fetalplanes.workflows.dicom_forward import Forwarder, Peer
 from fetalplanes.workflows.dicom_results import (
     FrameResult,
     SourceInstance,
@@ -50,68 +48,49 @@ from fetalplanes.workflows.dicom_results import (
     build_kos,
     build_sr,
 )
+from fetalplanes.workflows.dicom_store import (
+    COMPREHENSIVE_SR,
+    KEY_OBJECT_SELECTION,
+    STORAGE_CLASSES,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    OutputFolder,
+    atomic_write,
+    prediction_from_dict,
+    valid_uid,
+)
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "COMPREHENSIVE_SR",
+    "DOES_NOT_MATCH",
+    "KEY_OBJECT_SELECTION",
+    "OUT_OF_RESOURCES",
+    "SUCCESS",
+    "ListenStats",
+    "Listener",
+    "OutputFolder",
+    "Peer",
+    "classify_instances",
+    "model_info",
+]
 
 log = logging.getLogger("fetalplanes.listen")
 
-ULTRASOUND = "1.2.840.10008.5.1.4.1.1.6.1"
-ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-VERIFICATION = "1.2.840.10008.1.1"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
-#: Storage SOP classes accepted (the images fetalplanes classifies).
-STORAGE_CLASSES = (ULTRASOUND, ULTRASOUND_MULTIFRAME, SECONDARY_CAPTURE)
-#: Transfer syntaxes accepted when their decoder is installed (uncompressed ones always).
-TRANSFER_SYNTAXES = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>[0-9]{1,5})$")
-#: Results of a study are rewritten at most this often while instances keep coming.
-RESULTS_INTERVAL_S = 2.0
-#: A study's results are forwarded once no instance of it arrived for this long.
+#: A study's reports are written once no instance of it arrived for this long ...
+REPORT_DELAY_S = 1.0
+#: ... or at least this often while its instances keep coming.
+RESULTS_INTERVAL_S = 30.0
+#: A study's reports are forwarded once no instance of it arrived for this long.
 SETTLE_S = 5.0
 #: A study's classified results leave memory after this long without new instances.
 STUDY_IDLE_S = 60.0
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A remote DICOM node, from `AET@HOST:PORT`."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Peer:
-        m = _PEER.match(text.strip())
-        if m is None or not 0 < int(m["port"]) < 65536:
-            raise FetalPlanesError(f"{text}: not a DICOM node; write it AET@HOST:PORT, "
-                                   "e.g. ORTHANC@127.0.0.1:4242")
-        return cls(m["aet"], m["host"].strip("[]"), int(m["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-def valid_uid(uid: str) -> bool:
-    """A DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
-    return 0 < len(uid) <= 64 and _UID.match(uid) is not None
 
 
 def decodable_syntaxes() -> list[str]:
@@ -136,12 +115,12 @@ def classify_instances(predictor: Any, paths: Sequence[str | Path]) -> list[Pred
 
     The only call from the DICOM network into inference: rewire it here when the engine
     changes. Each frame of a multi-frame file is its own item (`file.dcm#frame=N`,
-    `Prediction.frame` set); decoding runs in this thread (no worker processes), so a
-    long-running node holds the memory of one batch.
+    `Prediction.frame` set). Decoding runs in worker processes when there are enough
+    frames to pay for them (the package's default), else in this thread.
     """
     from fetalplanes.data.loading import list_items
 
-    return list(predictor.predict_paths(list_items([str(p) for p in paths]), workers=0))
+    return list(predictor.predict_paths(list_items([str(p) for p in paths])))
 
 
 def model_info(predictor: Any, name: str, backend: str) -> dict[str, str]:
@@ -158,53 +137,6 @@ def model_info(predictor: Any, name: str, backend: str) -> dict[str, str]:
             "summary": summary}
 
 
-# ----------------------------------------------------------------- durable files
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (no-op where dirs cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path, durable: bool = False) -> None:
-    """Write ``data`` to a temporary file in ``tmp_dir`` (same file system), then rename:
-    readers see the old file or the whole new one, never a part. ``durable``: fsync the
-    file before and the folder after the rename (survives a power cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def prediction_from_dict(d: dict[str, Any]) -> Prediction:
-    """Inverse of `Prediction.to_dict` for what the study results need."""
-    return Prediction(
-        path=str(d.get("path", "")),
-        label=str(d.get("label", "")),
-        confidence=float(d.get("confidence") or 0.0),
-        probs={str(k): float(v or 0.0) for k, v in (d.get("probabilities") or {}).items()},
-        not_target=bool(d.get("not_target", False)),
-        uncertain=bool(d.get("uncertain", False)),
-        rejection_score=d.get("rejection_score"),
-        frame=d.get("frame"),
-        error=d.get("error"),
-    )
-
-
 @dataclass
 class Received:
     """A stored instance waiting for classification (no patient identity in it)."""
@@ -217,10 +149,16 @@ class Received:
 
 @dataclass
 class StudyState:
-    """What is known about one study in memory (rebuilt from disk after a restart)."""
+    """What is known about one study in memory (rebuilt from disk after a restart).
+
+    `results` holds what was classified in this run; once `loaded`, also what earlier
+    runs left on disk. `groups` caches each frame's SR content so an update of the
+    study's SR does not rebuild the frames already reported.
+    """
 
     identity: StudyIdentity | None = None
     results: dict[str, list[FrameResult]] = field(default_factory=dict)
+    groups: dict[Any, Any] = field(default_factory=dict)
     loaded: bool = False
     dirty: bool = False
     waiting: list[float] = field(default_factory=list)  # received_at of unreported ones
@@ -230,77 +168,6 @@ class StudyState:
     sr_uid: str = ""
     kos_uid: str = ""
     forwarded: bool = True
-
-
-class OutputFolder:
-    """The listen output folder and its journal (see the module docstring)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.instances = self.root / "instances"
-        self.results = self.root / "results"
-        self.reports = self.root / "reports"
-        self.incoming = self.root / ".incoming"
-        self.state_file = self.root / "state.json"
-        self.forward_log = self.root / "forwarded.log"
-        for folder in (self.instances, self.results, self.reports, self.incoming):
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def instance_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.instances / study_uid / f"{sop_uid}.dcm"
-
-    def result_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.results / study_uid / f"{sop_uid}.json"
-
-    def report_paths(self, study_uid: str) -> tuple[Path, Path]:
-        folder = self.reports / study_uid
-        return folder / "sr.dcm", folder / "kos.dcm"
-
-    def clean_incoming(self) -> int:
-        """Remove partial files of associations that never finished (killed mid-write)."""
-        n = 0
-        for part in self.incoming.iterdir():
-            with contextlib.suppress(OSError):
-                part.unlink()
-                n += 1
-        return n
-
-    def stored(self) -> Iterable[tuple[str, str, Path]]:
-        """(study UID, SOP instance UID, path) of every stored instance."""
-        for study in sorted(self.instances.iterdir()):
-            if study.is_dir() and valid_uid(study.name):
-                for f in sorted(study.glob("*.dcm")):
-                    if valid_uid(f.stem):
-                        yield study.name, f.stem, f
-
-    def read_result(self, study_uid: str, sop_uid: str) -> dict[str, Any] | None:
-        """An instance's result record, or None when missing or unreadable (classify again)."""
-        try:
-            return json.loads(self.result_path(study_uid, sop_uid).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def load_state(self) -> dict[str, Any]:
-        try:
-            state = json.loads(self.state_file.read_text())
-            return state if isinstance(state, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def forwarded(self) -> set[str]:
-        """SOP instance UIDs already accepted by the forward peer (a torn last line is
-        ignored: that instance is sent again, which a PACS treats as the same object)."""
-        try:
-            lines = self.forward_log.read_text().splitlines()
-        except OSError:
-            return set()
-        return {line.split()[0] for line in lines if line.strip() and valid_uid(line.split()[0])}
-
-    def mark_forwarded(self, uids: Iterable[str]) -> None:
-        with open(self.forward_log, "a") as f:
-            f.writelines(f"{uid}\n" for uid in uids)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 @dataclass
@@ -330,8 +197,12 @@ class ListenStats:
 class Listener:
     """The Storage SCP: receive -> durable write -> classify -> per-study DICOM results.
 
-    `start()` serves in background threads; `stop()` stops accepting, lets the
-    associations in flight finish, classifies what is queued and writes the results.
+    Three kinds of threads: pynetdicom's (one per association: check, store, answer),
+    the classifier (batches of stored instances through `classify_instances`) and the
+    reporter (a study's SR and KOS once it is quiet for `report_delay` seconds, or every
+    `results_interval` while it keeps growing; forwarding once it settled). `start()`
+    serves in the background; `stop()` stops accepting, lets the associations in flight
+    finish, classifies what is queued and writes the results.
     """
 
     def __init__(
@@ -344,7 +215,8 @@ class Listener:
         port: int = 11112,
         allow: Sequence[str] = (),
         forward: Peer | None = None,
-        batch: int = 16,
+        batch: int = 64,
+        report_delay: float = REPORT_DELAY_S,
         results_interval: float = RESULTS_INTERVAL_S,
         settle: float = SETTLE_S,
     ):
@@ -356,6 +228,7 @@ class Listener:
         self.allow = [a.strip() for a in allow if a.strip()]
         self.forward = forward
         self.batch = max(1, batch)
+        self.report_delay = report_delay
         self.results_interval = results_interval
         self.settle = settle
         self.stats = ListenStats()
@@ -365,9 +238,10 @@ class Listener:
         self._study_lock = threading.Lock()
         self._stopping = threading.Event()
         self._classifier_done = threading.Event()
+        self._reporter_done = threading.Event()
+        self._reporting = 0  # studies being written right now
         self._forwarder: Forwarder | None = None
         self._server: Any = None
-        self._threads: list[threading.Thread] = []
         self._assoc_counts: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -380,9 +254,9 @@ class Listener:
         if self.forward is not None:
             self._forwarder = Forwarder(self.forward, self.ae_title, self.folder, self.stats)
         self._recover()
-        worker = threading.Thread(target=self._classify_loop, name="classifier", daemon=True)
-        worker.start()
-        self._threads.append(worker)
+        for target, name in ((self._classify_loop, "classifier"),
+                             (self._report_loop, "reporter")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         if self._forwarder is not None:
             self._forwarder.start()
         if not network:
@@ -407,9 +281,16 @@ class Listener:
                 assoc.abort()
         self._stopping.set()
         self._classifier_done.wait(drain_timeout)
+        self._reporter_done.wait(drain_timeout)
         if self._forwarder is not None:
             self._forwarder.stop(drain_timeout)
+        self.write_stats()
         log.info("stopped: %s", _counts(self.stats))
+
+    def write_stats(self) -> None:
+        """OUT/stats.json: this run's counters and last-byte -> SR latency (p50, p95)."""
+        data = json.dumps(self.stats.as_dict(), indent=1).encode()
+        atomic_write(self.folder.root / "stats.json", data, self.folder.incoming)
 
     def __enter__(self) -> Listener:
         self.start()
@@ -423,7 +304,7 @@ class Listener:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._study_lock:
-                busy = any(s.dirty for s in self._studies.values())
+                busy = self._reporting or any(s.dirty for s in self._studies.values())
             if self._queue.unfinished_tasks == 0 and not busy:
                 return True
             time.sleep(0.05)
@@ -496,7 +377,7 @@ class Listener:
 
         label = f"instance {sop_uid}" if valid_uid(sop_uid) else "instance"
         if sop_class not in STORAGE_CLASSES:
-            return self._refuse(0x0122, "SOP class not supported", sop_uid)
+            return self._refuse(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported", sop_uid)
         if not valid_uid(sop_uid):
             return self._refuse(DOES_NOT_MATCH, "invalid SOP Instance UID", sop_uid)
         try:
@@ -616,7 +497,7 @@ class Listener:
     # ------------------------------------------------------------ classification
     def _classify_loop(self) -> None:
         try:
-            while True:
+            while not (self._stopping.is_set() and self._queue.empty()):
                 batch = self._take_batch()
                 if batch:
                     try:
@@ -624,10 +505,6 @@ class Listener:
                     finally:
                         for _ in batch:
                             self._queue.task_done()
-                stopping = self._stopping.is_set() and self._queue.empty()
-                self._write_reports(final=stopping)
-                if stopping:
-                    return
         except Exception:  # never die silently: the node would accept and not classify
             log.exception("classification stopped")
         finally:
@@ -649,12 +526,7 @@ class Listener:
     def _classify(self, batch: list[Received]) -> None:
         started = time.monotonic()
         by_path: dict[str, list[Prediction]] = {str(r.path): [] for r in batch}
-        try:
-            predictions = classify_instances(self.predictor, [r.path for r in batch])
-        except ImageError as exc:  # should not happen (errors come back per item)
-            predictions = []
-            log.error("classification failed: %s", exc)
-        for p in predictions:
+        for p in classify_instances(self.predictor, [r.path for r in batch]):
             by_path.setdefault(parse_frame_name(p.path)[0], []).append(p)
         frames = 0
         for r in batch:
@@ -690,22 +562,33 @@ class Listener:
                      self.folder.incoming)
         with self._study_lock:
             st = self._studies.setdefault(r.study_uid, StudyState())
-            if st.loaded:
-                st.results[inst.sop_instance_uid] = [FrameResult(inst, p) for p in preds]
+            st.results[inst.sop_instance_uid] = [FrameResult(inst, p) for p in preds]
             st.dirty = True
             st.waiting.append(r.received_at)
             st.last_received = max(st.last_received, r.received_at)
 
     # ------------------------------------------------------------ study results
+    def _report_loop(self) -> None:
+        try:
+            while True:
+                final = self._classifier_done.is_set()
+                self._write_reports(final)
+                if final:
+                    return
+                time.sleep(0.1)
+        except Exception:
+            log.exception("writing study results stopped")
+        finally:
+            self._reporter_done.set()
+
     def _write_reports(self, final: bool = False) -> None:
-        """Rewrite the reports of studies with new results: when the queue is empty, or
-        at most every `results_interval` while instances keep coming; forward settled
-        ones; drop idle studies from memory."""
+        """Write the reports of studies with new results that are quiet (or have waited
+        `results_interval`); forward settled ones; drop idle studies from memory."""
         now = time.time()
-        idle = self._queue.empty()
         with self._study_lock:
             due = [uid for uid, st in self._studies.items() if st.dirty and (
-                idle or final or now - st.last_written >= self.results_interval)]
+                final or now - st.last_received >= self.report_delay
+                or now - st.last_written >= self.results_interval)]
         for uid in due:
             self._write_study(uid)
         if self._forwarder is not None:
@@ -713,21 +596,26 @@ class Listener:
         with self._study_lock:
             for st in self._studies.values():
                 if st.loaded and not st.dirty and now - st.last_received > STUDY_IDLE_S:
-                    st.results, st.loaded = {}, False
+                    st.results, st.groups, st.loaded = {}, {}, False
 
     def _write_study(self, study_uid: str) -> None:
         with self._study_lock:
             st = self._studies[study_uid]
-            waiting, st.waiting = st.waiting, []
+            self._reporting += 1
         try:
-            self._write_study_files(study_uid, st, waiting)
+            if not st.loaded:
+                self._load_study(study_uid, st)
+            with self._study_lock:
+                st.dirty = False
+                waiting, st.waiting = st.waiting, []
+                results = [fr for frs in st.results.values() for fr in frs]
+            self._write_study_files(study_uid, st, results, waiting)
         finally:
-            st.dirty = False  # (only this thread sets it: no result arrives meanwhile)
+            with self._study_lock:
+                self._reporting -= 1
 
-    def _write_study_files(self, study_uid: str, st: StudyState, waiting: list[float]) -> None:
-        if not st.loaded:
-            self._load_study(study_uid, st)
-        results = [fr for frs in list(st.results.values()) for fr in frs]
+    def _write_study_files(self, study_uid: str, st: StudyState, results: list[FrameResult],
+                           waiting: list[float]) -> None:
         identity = st.identity or self._identity_from_disk(study_uid)
         if identity is None or not any(fr.prediction.ok for fr in results):
             self._save_state()
@@ -735,7 +623,8 @@ class Listener:
         st.identity = identity
         sr_path, kos_path = self.folder.report_paths(study_uid)
         st.version += 1
-        sr = build_sr(identity, results, self.model, instance_number=st.version)
+        sr = build_sr(identity, results, self.model, instance_number=st.version,
+                      cache=st.groups)
         self._save_dataset(sr, sr_path)
         best = best_frame_results(results)
         kos_uid = ""
@@ -754,8 +643,9 @@ class Listener:
         for t in waiting:
             self.stats.latencies.append(st.last_written - t)
         self._save_state()
+        n_instances = len({fr.instance.sop_instance_uid for fr in results})
         log.info("study %s: SR and KOS written (%d instance(s), %d frame(s), %d best)",
-                 study_uid, len(st.results), len(results), len(best))
+                 study_uid, n_instances, len(results), len(best))
 
     def _save_dataset(self, ds: Any, path: Path) -> None:
         from pydicom.filebase import DicomBytesIO
@@ -765,6 +655,7 @@ class Listener:
         atomic_write(path, buf.getvalue(), self.folder.incoming)
 
     def _load_study(self, study_uid: str, st: StudyState) -> None:
+        """Add what earlier runs classified (on disk) to what this run holds in memory."""
         folder = self.folder.results / study_uid
         results: dict[str, list[FrameResult]] = {}
         for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -784,8 +675,10 @@ class Listener:
         from fetalplanes.data.dicom import read_header
 
         for f in sorted((self.folder.instances / study_uid).glob("*.dcm")):
-            with contextlib.suppress(ImageError, OSError):
+            try:
                 return StudyIdentity.from_dataset(read_header(f, f.stem))
+            except (ImageError, OSError):
+                continue
         return None
 
     def _save_state(self) -> None:
@@ -837,96 +730,3 @@ def _counts(stats: ListenStats) -> str:
     keys = ("received", "duplicates", "refused", "classified", "frames", "reports",
             "forwarded", "forward_failed")
     return ", ".join(f"{k} {d[k]}" for k in keys)
-
-
-class Forwarder:
-    """Sends stored originals and settled results to another node, in the background, in
-    order, resending after connection failures; what the peer accepted is journaled."""
-
-    def __init__(self, peer: Peer, ae_title: str, folder: OutputFolder, stats: ListenStats):
-        self.peer, self.ae_title, self.folder, self.stats = peer, ae_title, folder, stats
-        self._queue: queue.Queue[tuple[Path, str] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
-        self._stop = threading.Event()
-        self._assoc: Any = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, path: Path, sop_uid: str) -> None:
-        self._queue.put((path, sop_uid))
-
-    def stop(self, timeout: float) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._stop.set()
-        self._thread.join(5)
-        self._release()
-
-    def _loop(self) -> None:
-        delay = 1.0
-        item = None
-        while not self._stop.is_set():
-            if item is None:
-                try:
-                    item = self._queue.get(timeout=1.0)
-                except queue.Empty:
-                    self._release()  # idle: do not hold the peer's association
-                    continue
-                if item is None:
-                    break
-            try:
-                self._send(*item)
-                item, delay = None, 1.0
-            except (ConnectionError, RuntimeError, OSError) as exc:
-                log.warning("forward to %s failed (%s); retrying in %.0f s", self.peer,
-                            _first_line(exc), delay)
-                self._release()
-                if self._stop.wait(delay):
-                    break
-                delay = min(delay * 2, 30.0)
-        self._release()
-
-    def _send(self, path: Path, sop_uid: str) -> None:
-        if not path.exists():
-            return
-        assoc = self._association()
-        status = assoc.send_c_store(path)
-        code = int(status.get("Status", -1)) if status else -1
-        if code == -1:
-            raise ConnectionError("no response from the peer")
-        if code == 0 or 0xB000 <= code <= 0xBFFF:
-            self.folder.mark_forwarded([sop_uid])
-            self.stats.forwarded += 1
-        else:  # refused by the peer: not retried (it would refuse again)
-            self.stats.forward_failed += 1
-            log.warning("forward of %s refused by %s: status 0x%04X", sop_uid, self.peer, code)
-
-    def _association(self) -> Any:
-        if self._assoc is not None and self._assoc.is_established:
-            return self._assoc
-        from pynetdicom import AE
-
-        ae = AE(ae_title=self.ae_title)
-        for sop_class in (*STORAGE_CLASSES, COMPREHENSIVE_SR, KEY_OBJECT_SELECTION):
-            syntaxes = (TRANSFER_SYNTAXES if sop_class in STORAGE_CLASSES
-                        else TRANSFER_SYNTAXES[:2])
-            for ts in syntaxes:  # one context each: the peer accepts what it can
-                ae.add_requested_context(sop_class, ts)
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
-        if not assoc.is_established:
-            raise ConnectionError(f"association with {self.peer} not established")
-        self._assoc = assoc
-        return assoc
-
-    def _release(self) -> None:
-        if self._assoc is not None:
-            with contextlib.suppress(Exception):
-                self._assoc.release()
-            self._assoc = None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -317,19 +317,29 @@ def build_sr(
     results: Sequence[FrameResult],
     model: Mapping[str, Any],
     instance_number: int = 1,
+    cache: dict[Any, Any] | None = None,
 ) -> Dataset:
     """The Comprehensive SR listing every classified frame of ``results`` (failed
-    predictions are left out: they have no plane). ``model``: name, version, summary."""
+    predictions are left out: they have no plane). ``model``: name, version, summary.
+
+    Each frame's measurement group is built by highdicom (and kept in ``cache``, when
+    given, for the next version of the same study's SR); the document is built by
+    highdicom around the first group, and the others are then added to its Imaging
+    Measurements container, as `MeasurementReport` would: highdicom's checks walk the
+    whole tree on each document (seconds for a few hundred frames), and a growing study
+    gets a new SR version every time new instances are classified.
+    """
     from highdicom.sr import ComprehensiveSR, MeasurementReport, ObservationContext
 
     done = [r for r in results if r.prediction.ok]
     if not done:
         raise ValueError("no classified frame to report")
     algorithm = _algorithm(model)
+    groups = [_cached_group(r, algorithm, model, cache) for r in done]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=_device(model)),
         procedure_reported=OBSTETRIC_US,
-        imaging_measurements=[_group(r, algorithm) for r in done],
+        imaging_measurements=groups[:1],
         title=IMAGING_MEASUREMENT_REPORT,
     )
     series, sop = result_uids(study.study_uid, model, "SR", _content_keys(done))
@@ -345,7 +355,26 @@ def build_sr(
         coding_schemes=_coding_schemes(),
         software_versions=f"fetalplanes {__version__}",
     )
+    container = next(item for item in sr.ContentSequence
+                     if item.ConceptNameCodeSequence[0].CodeValue == IMAGING_MEASUREMENTS)
+    container.ContentSequence = [item for group in groups for item in group]
     return sr
+
+
+IMAGING_MEASUREMENTS = "126010"  # DCM code of TID 1500's "Imaging Measurements" container
+
+
+def _cached_group(result: FrameResult, algorithm: Any, model: Mapping[str, Any],
+                  cache: dict[Any, Any] | None) -> Any:
+    p = result.prediction
+    key = (result.instance.sop_instance_uid, p.frame, p.label, round(p.confidence, 6),
+           p.not_target, p.uncertain, model.get("name"), model.get("version"))
+    group = None if cache is None else cache.get(key)
+    if group is None:
+        group = _group(result, algorithm)
+        if cache is not None:
+            cache[key] = group
+    return group
 
 
 def build_kos(
