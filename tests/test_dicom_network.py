@@ -243,3 +243,25 @@ def test_listen_command_sigterm_finishes_and_logs_no_identity(study, tmp_path: P
     assert len(list((out / "reports").glob("*/sr.dcm"))) == 1
     assert all(secret not in line + stdout + stderr for secret in IDENTIFIERS)
     assert "stopped: received 3" in stderr
+
+
+def test_node_classifies_and_reports_without_torch(study, tmp_path: Path):
+    """`pip install fetalplanes[network]` is enough: the node never imports torch."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fetalplanes.inference.predictor import Predictor\n"
+        "from fetalplanes.workflows.dicom_listen import Listener, model_info\n"
+        "p = Predictor.load('sononet16')\n"
+        f"node = Listener(p, Path({str(tmp_path / 'out')!r}), model_info(p, 'sononet16', 'auto'))\n"
+        "node.start(network=False)\n"
+        f"data = Path({str(study['cine'])!r}).read_bytes()\n"
+        "assert node.receive_file(data, time.time()) is None\n"
+        "assert node.wait_idle(120)\n"
+        "node.stop()\n"
+        "print(node.stats.frames, node.stats.reports, 'torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["3", "1", "False"]

@@ -22,6 +22,7 @@ from fetalplanes.workflows.dicom_results import (
     best_frames,
     build_kos,
     build_sr,
+    encode_sr,
     plane_code,
 )
 
@@ -153,3 +154,21 @@ def test_results_need_something_to_report(study):
         build_kos(identity, {}, MODEL)
     assert PRIVATE_SCHEME in repr(plane_code("Other"))
     assert all(name not in repr(identity) for name in IDENTIFIERS[:2])
+
+
+def test_fast_encoding_reads_the_same_as_a_plain_write(study, tmp_path: Path):
+    """`encode_sr` (groups spliced in as bytes) gives the document `build_sr` gives."""
+    _, paths = study
+    identity, results = results_for(paths)
+    cache: dict = {}
+    uid, data = encode_sr(identity, results, MODEL, cache=cache)
+    fast, plain = tmp_path / "fast.dcm", tmp_path / "plain.dcm"
+    fast.write_bytes(data)
+    sr = build_sr(identity, results, MODEL)
+    sr.save_as(plain, enforce_file_format=True)
+    assert uid == sr.SOPInstanceUID and len(cache) == 4
+    assert dsrdump(fast).split("Content Date/Time")[1].split("\n", 1)[1] == \
+        dsrdump(plain).split("Content Date/Time")[1].split("\n", 1)[1]
+    assert dciodvfy(fast) == []
+    assert dcmread(fast).ContentSequence[-1].ContentSequence[3].ContentSequence[-1] \
+        .ReferencedSOPSequence[0].ReferencedFrameNumber == 3

@@ -63,8 +63,8 @@ def listen(
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
     min_confidence: MinConfidenceOpt = 0.5,
-    batch: Annotated[int, typer.Option(min=1, help="Instances classified per model call "
-                                       "at most.")] = 16,
+    batch: Annotated[int, typer.Option(min=1, help="Stored instances taken for "
+                                       "classification at once, at most.")] = 64,
     settle: Annotated[float, typer.Option(min=0.0, help="Seconds without a new instance "
                                           "before a study's results are forwarded.")] = 5.0,
     quiet: QuietOpt = False,

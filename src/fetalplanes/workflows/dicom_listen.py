@@ -46,7 +46,7 @@ from fetalplanes.workflows.dicom_results import (
     StudyIdentity,
     best_frame_results,
     build_kos,
-    build_sr,
+    encode_sr,
 )
 from fetalplanes.workflows.dicom_store import (
     COMPREHENSIVE_SR,
@@ -603,7 +603,10 @@ class Listener:
                 final or (st.pending == 0 and now - st.last_received >= self.report_delay)
                 or now - st.dirty_since >= self.results_interval)]
         for uid in due:
-            self._write_study(uid)
+            try:
+                self._write_study(uid)
+            except Exception:  # one study's bad data must not stop the others' reports
+                log.exception("study %s: cannot write its SR and KOS", uid)
         if self._forwarder is not None:
             self._forward_settled(now, final)
         with self._study_lock:
@@ -636,9 +639,9 @@ class Listener:
         st.identity = identity
         sr_path, kos_path = self.folder.report_paths(study_uid)
         st.version += 1
-        sr = build_sr(identity, results, self.model, instance_number=st.version,
-                      cache=st.groups)
-        self._save_dataset(sr, sr_path)
+        sr_uid, sr_bytes = encode_sr(identity, results, self.model,
+                                     instance_number=st.version, cache=st.groups)
+        atomic_write(sr_path, sr_bytes, self.folder.incoming)
         best = best_frame_results(results)
         kos_uid = ""
         if best:
@@ -647,8 +650,8 @@ class Listener:
             kos_uid = str(kos.SOPInstanceUID)
         elif kos_path.exists():
             kos_path.unlink()
-        changed = (str(sr.SOPInstanceUID), kos_uid) != (st.sr_uid, st.kos_uid)
-        st.sr_uid, st.kos_uid = str(sr.SOPInstanceUID), kos_uid
+        changed = (sr_uid, kos_uid) != (st.sr_uid, st.kos_uid)
+        st.sr_uid, st.kos_uid = sr_uid, kos_uid
         st.last_written = time.time()
         if changed:
             st.forwarded = False
