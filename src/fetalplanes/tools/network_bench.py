@@ -9,7 +9,9 @@ over 127.0.0.1, and reports, per backend:
 - listen's memory (RSS and PSS of its process) after every quarter of the instances, and
   its growth from the first quarter to the end (flat = no leak);
 - time from an instance's last byte to its study's SR on disk (p50, p95), measured by
-  listen itself (OUT/stats.json).
+  listen itself (OUT/stats.json): under that full load (storescu sends faster than the
+  node classifies, so this is mostly time in the queue), and for one study of 50 sent at a
+  scanner's pace (one association per instance, every 0.5 s) to an idle node.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fetalplanes.tools.bench import BenchOptions, BenchReport, Row, _load, _roll
 
 PER_STUDY = 50
 UNIQUE = 100  # distinct rendered scans; the others differ only in their UIDs
+PACED_INTERVAL_S = 0.5  # a busy scanner: two images a second
 
 
 def write_instances(folder: Path, n: int, progress: bool = True) -> list[Path]:
@@ -153,12 +156,44 @@ def measure(folder: Path, n: int, backend: str, progress: bool = True) -> list[R
     return rows
 
 
+def paced_latency(folder: Path, backend: str, interval: float = PACED_INTERVAL_S) -> list[Row]:
+    """Last byte -> SR when instances come at a scanner's pace (one study of 50, one
+    association each, `interval` apart) to an idle node: what a sonographer waits."""
+    storescu = shutil.which("storescu") or "storescu"
+    files = sorted((folder / "paced").glob("*.dcm"))
+    out = folder / f"paced-{backend}"
+    proc, port = _start_listen(out, backend)
+    try:
+        for f in files:
+            started = time.monotonic()
+            subprocess.run([storescu, "-aec", "FETALPLANES", "-xy", "-q", "127.0.0.1",
+                            str(port), str(f)], check=True, timeout=60)
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        deadline = time.monotonic() + 300
+        while _count(out) < len(files) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    stats = json.loads((out / "stats.json").read_text())
+    return [Row(f"network_{backend}_paced_sr_latency_{q}_s",
+                f"last byte -> study SR on disk, {q}, 1 instance per {interval:g} s",
+                f"{backend}/cpu", "-", stats[f"latency_{q}_s"], "s",
+                f"{len(files)} instances, one study")
+            for q in ("p50", "p95") if f"latency_{q}_s" in stats]
+
+
 def network_rows(tmp: Path, n: int, backends: tuple[str, ...] = ("onnx-int8", "onnx"),
                  progress: bool = True) -> list[Row]:
     write_instances(tmp / "in", n, progress=progress)
+    write_instances(tmp / "paced", PER_STUDY, progress=False)
     rows: list[Row] = []
     for backend in backends:
         rows += measure(tmp, n, backend, progress=progress)
+        rows += paced_latency(tmp, backend)
     return rows
 
 

@@ -85,9 +85,13 @@ DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 #: Frames per model call (memory of the node: ONNX Runtime keeps buffers for the largest).
 CLASSIFY_BATCH = 8
-#: A study's reports are written once no instance of it arrived for this long ...
+#: A study's reports are written once nothing of it is queued and nothing arrived for
+#: this long, ...
 REPORT_DELAY_S = 1.0
-#: ... or at least this often while its instances keep coming.
+#: ... or, while instances trickle in, once nothing is queued and the last write is this
+#: old (or 5 times as old as that write took, so a big study costs at most 20 % of a core),
+REPORT_INTERVAL_S = 2.0
+#: ... or at least this often while its instances keep coming faster than classified.
 RESULTS_INTERVAL_S = 30.0
 #: A study's reports are forwarded once no instance of it arrived for this long.
 SETTLE_S = 5.0
@@ -171,6 +175,7 @@ class StudyState:
     last_received: float = 0.0  # arrival of its latest instance
     last_written: float = 0.0
     dirty_since: float = 0.0  # first result not in the reports yet
+    write_cost: float = 0.0  # seconds the last write of its reports took
     version: int = 0
     sr_uid: str = ""
     kos_uid: str = ""
@@ -600,8 +605,10 @@ class Listener:
         now = time.time()
         with self._study_lock:
             due = [uid for uid, st in self._studies.items() if st.dirty and (
-                final or (st.pending == 0 and now - st.last_received >= self.report_delay)
-                or now - st.dirty_since >= self.results_interval)]
+                final or now - st.dirty_since >= self.results_interval or (
+                    st.pending == 0 and (now - st.last_received >= self.report_delay or
+                                         now - st.last_written >= max(
+                                             REPORT_INTERVAL_S, 5 * st.write_cost))))]
         for uid in due:
             try:
                 self._write_study(uid)
@@ -637,6 +644,7 @@ class Listener:
             self._save_state()
             return
         st.identity = identity
+        started = time.monotonic()
         sr_path, kos_path = self.folder.report_paths(study_uid)
         st.version += 1
         sr_uid, sr_bytes = encode_sr(identity, results, self.model,
@@ -653,6 +661,7 @@ class Listener:
         changed = (sr_uid, kos_uid) != (st.sr_uid, st.kos_uid)
         st.sr_uid, st.kos_uid = sr_uid, kos_uid
         st.last_written = time.time()
+        st.write_cost = time.monotonic() - started
         if changed:
             st.forwarded = False
         self.stats.reports += 1
