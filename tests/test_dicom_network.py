@@ -245,6 +245,7 @@ def test_listen_command_sigterm_finishes_and_logs_no_identity(study, tmp_path: P
     assert "stopped: received 3" in stderr
 
 
+@pytest.mark.slow
 def test_node_classifies_and_reports_without_torch(study, tmp_path: Path):
     """`pip install fetalplanes[network]` is enough: the node never imports torch."""
     code = (

@@ -32,6 +32,7 @@ from fetalplanes.workflows.dicom_listen import (
 )
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # a PACS server process: CI lane (scripts/test.sh runs it)
 
 
 @pytest.fixture(scope="module")
