@@ -266,3 +266,22 @@ def test_node_classifies_and_reports_without_torch(study, tmp_path: Path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["3", "1", "False"]
+
+
+def test_unsupported_transfer_syntax_rejected_at_negotiation(listener):
+    """A presentation context in a syntax the reader cannot decode (big endian here) is
+    rejected with result 4, "transfer syntaxes not supported"; a decodable one is not."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="TSSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.2")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.1.2.5")
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="FETALPLANES")
+    try:
+        assert assoc.is_established
+        rejected = {cx.transfer_syntax[0]: cx.result for cx in assoc.rejected_contexts}
+        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
+    finally:
+        assoc.release()
+    assert rejected == {"1.2.840.10008.1.2.2": 0x04}
+    assert accepted == ["1.2.840.10008.1.2.5"]
