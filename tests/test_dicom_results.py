@@ -31,7 +31,8 @@ MODEL = {"name": "sononet16", "version": "0.2.0",
 
 
 def pred(label: str, conf: float, frame: int | None = None, **kw) -> Prediction:
-    return Prediction(f"x#frame={frame}", label, conf, {label: conf}, frame=frame, **kw)
+    return Prediction(f"x#frame={frame}", label=label, confidence=conf, probs={label: conf},
+                      frame=frame, **kw)
 
 
 def test_best_frames_skips_flagged_and_failed_and_keeps_the_highest():

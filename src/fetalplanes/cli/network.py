@@ -12,21 +12,22 @@ from typing import Annotated, Any
 
 import typer
 
-from fetalplanes.cli.common import (
-    BackendArg,
+from fetalplanes.cli.common import fail
+from fetalplanes.cli.options import (
+    BackendChoice,
     BackendOpt,
     MinConfidenceOpt,
     PresetOpt,
     QuietOpt,
     WeightsOpt,
-    build_predictor,
-    fail,
+    load_model,
+    model_spec,
 )
+from fetalplanes.inference.model_spec import GRAMMAR
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="Model: a run folder, an .onnx file or a pretrained name "
-                   "(default: the bundled sononet16)."),
+    typer.Argument(help=f"The model: {GRAMMAR}. Default: the bundled sononet16."),
 ]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -59,7 +60,7 @@ def listen(
     forward: Annotated[str | None, typer.Option(
         "--forward", help="Send the originals and the SR/KOS results on to this node, "
         "AET@HOST:PORT (e.g. a PACS).")] = None,
-    backend: BackendArg = BackendOpt.auto,
+    backend: BackendOpt = BackendChoice.auto,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
     min_confidence: MinConfidenceOpt = 0.5,
@@ -84,8 +85,8 @@ def listen(
     if len(ae_title.strip()) == 0 or len(ae_title) > 16:
         fail(f"--ae-title {ae_title!r}: 1 to 16 characters")
     setup_logging(quiet, verbose)
-    predictor = build_predictor(None, model, weights, preset, backend.value, False,
-                                min_confidence)
+    predictor = load_model(model_spec(model, weights, preset, backend,
+                                      min_confidence=min_confidence))
     info = model_info(predictor, _model_name(model), backend.value)
     listener = Listener(predictor, out, info, ae_title=ae_title, host=host, port=port,
                         allow=allow or (), forward=peer, batch=batch, settle=settle)
@@ -199,8 +200,8 @@ def pacs_push(
 def pacs_classify(
     url: UrlArg,
     study: Annotated[str, typer.Option("--study", help="Study Instance UID.")],
-    model: Annotated[str, typer.Option("--model", help="Model: run folder, .onnx file or "
-                                       "pretrained name.")] = "sononet16",
+    model: Annotated[str, typer.Option("--model", help=f"The model: {GRAMMAR}.")
+                     ] = "sononet16",
     out: Annotated[Path | None, typer.Option(
         "--out", help="Work folder (default: ./pacs-classify/STUDY): pulled files, "
         "results, SR/KOS; reused when run again.")] = None,
@@ -209,7 +210,7 @@ def pacs_classify(
     ] = "US",
     no_push: Annotated[bool, typer.Option("--no-push", help="Keep the SR and KOS local.")
                        ] = False,
-    backend: BackendArg = BackendOpt.auto,
+    backend: BackendOpt = BackendChoice.auto,
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
     min_confidence: MinConfidenceOpt = 0.5,
@@ -224,8 +225,8 @@ def pacs_classify(
 
     setup_logging(True)
     client = _client(url, user, password, token)
-    predictor = build_predictor(None, model, weights, preset, backend.value, False,
-                                min_confidence)
+    predictor = load_model(model_spec(model, weights, preset, backend,
+                                      min_confidence=min_confidence))
     info = model_info(predictor, _model_name(model), backend.value)
     work = out or Path("pacs-classify") / study
     res = classify_study(client, url, study, predictor, info, work, modality=modality or None,

@@ -117,19 +117,18 @@ def decodable_syntaxes() -> list[str]:
 
 # ----------------------------------------------------------------- classification adapter
 def classify_instances(predictor: Any, paths: Sequence[str | Path]) -> list[Prediction]:
-    """Every frame of these DICOM files through the one inference path.
-
-    The only call from the DICOM network into inference: rewire it here when the engine
-    changes. Each frame of a multi-frame file is its own item (`file.dcm#frame=N`,
-    `Prediction.frame` set). Decoding runs in this thread and the model sees at most
-    `CLASSIFY_BATCH` frames at once: a long-running node holds the memory of a few
-    frames, and forks no worker processes from a threaded server (on 2 busy cores this
-    was also the fastest: 15 frames/s against 13-14 with 2 workers).
+    """Every frame of these DICOM files through the one engine (`Predictor.stream`): the
+    network is one more source, like files and uploads. Each frame of a multi-frame file
+    is its own item (`file.dcm#frame=N`, `Prediction.frame` set). Decoding runs in this
+    thread and the model sees at most `CLASSIFY_BATCH` frames at once: a long-running node
+    holds the memory of a few frames, and forks no worker processes from a threaded server
+    (on 2 busy cores this was also the fastest: 15 frames/s against 13-14 with 2 workers).
     """
-    from fetalplanes.data.loading import list_items
+    from fetalplanes.data.sources import file_source, iter_items
 
-    items = list_items([str(p) for p in paths])
-    return list(predictor.predict_paths(items, workers=0, batch_size=CLASSIFY_BATCH))
+    sources = [file_source(p) for p in paths]  # DICOM by content: every frame an item
+    return list(predictor.predict_items(iter_items(sources), workers=0,
+                                        batch_size=CLASSIFY_BATCH))
 
 
 def model_info(predictor: Any, name: str, backend: str) -> dict[str, str]:
