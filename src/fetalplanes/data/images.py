@@ -782,6 +782,26 @@ def _decode_png_fast(data: bytes) -> np.ndarray | None:
     return None
 
 
+#: Formats whose EXIF Orientation tag viewers honour (a phone or scanner may store the
+#: pixels sideways and say so there); PNG's rarely used eXIf chunk is left alone.
+EXIF_FORMATS = ("JPEG", "TIFF", "WEBP")
+
+
+def _upright(img: Image.Image, fmt: str) -> Image.Image:
+    """The image as every viewer shows it: its EXIF Orientation applied (JPEG, TIFF, WebP)."""
+    if fmt not in EXIF_FORMATS:
+        return img
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block: the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img)
+
+
 def _decode_pillow(data: bytes, name: str) -> np.ndarray:
     allowed = accepted_format(data, name)
     fmt = ""  # "PNG " once Pillow has read the header, for the messages
@@ -793,7 +813,7 @@ def _decode_pillow(data: bytes, name: str) -> np.ndarray:
                 fmt = f"{img.format} " if img.format else ""
                 _check_size(img.width, img.height, name)
                 img.load()
-                return _pil_to_gray(img)
+                return _pil_to_gray(_upright(img, allowed))
     except ImageError:
         raise
     except UnidentifiedImageError:

@@ -21,12 +21,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from fetalplanes.console import cli_command
+from fetalplanes.console import progress as progress_bar
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.tools.bench import BenchOptions, BenchReport, Row, _load, _rollup, machine_info
 
@@ -81,8 +82,8 @@ def write_instances(folder: Path, n: int, progress: bool = True) -> list[Path]:
 
 def _start_listen(out: Path, backend: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fetalplanes", "listen", "sononet16", "--out", str(out),
-         "--port", "0", "--backend", backend, "--quiet"],
+        cli_command("listen", "sononet16", "--out", str(out), "--port", "0", "--backend",
+                    backend, "--quiet"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
     if "listening as" not in line:
@@ -111,6 +112,8 @@ def measure(folder: Path, n: int, backend: str, progress: bool = True) -> list[R
             [storescu, "-aec", "FETALPLANES", "-xy", "+sd", "-q", "127.0.0.1", str(port),
              str(folder / "in")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         done = 0
+        bar = progress_bar(total=n, desc=f"{backend}: classified", unit="instance",
+                           disable=not progress)
         deadline = time.monotonic() + max(600.0, n)
         while done < n and time.monotonic() < deadline:
             time.sleep(0.25)
@@ -119,11 +122,9 @@ def measure(folder: Path, n: int, backend: str, progress: bool = True) -> list[R
                 if done >= m and m not in rss:
                     r, p = _rollup(proc.pid)
                     rss[m] = (r / 1024, p / 1024)
-            if progress:
-                print(f"\r{backend}: {done}/{n} classified", end="", file=sys.stderr)
+            bar.update(done - bar.n)
         wall = time.perf_counter() - t0
-        if progress:
-            print(file=sys.stderr)
+        bar.close()
         _, err = sender.communicate(timeout=60)
         if sender.returncode != 0 or done < n:
             raise FetalPlanesError(f"bench: storescu -> listen did not finish ({done}/{n}; "
