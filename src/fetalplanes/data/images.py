@@ -15,7 +15,6 @@ import functools
 import os
 import stat
 import warnings
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -739,49 +738,6 @@ def opencv() -> Any:
     return cv2
 
 
-def _png_intact(data: bytes) -> bool:
-    """Every chunk complete with a right CRC, up to IEND: nothing libpng would complain
-    about on stderr (it prints such errors itself, past OpenCV's log switch)."""
-    view, i, n = memoryview(data), 8, len(data)
-    while i + 12 <= n:
-        length = int.from_bytes(view[i : i + 4], "big")
-        end = i + 12 + length
-        if end > n:
-            return False
-        if zlib.crc32(view[i + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
-            return False
-        if view[i + 4 : i + 8] == b"IEND":
-            return True
-        i = end
-    return False
-
-
-def _decode_png_fast(data: bytes) -> np.ndarray | None:
-    """8-bit gray or RGB PNG via OpenCV (libpng), about 25% faster than Pillow here.
-
-    Only plain 8-bit gray (type 0) and RGB (type 2) take this path, where both
-    libraries give identical pixels (tested); everything else, and any file OpenCV
-    refuses, goes through Pillow so errors keep one wording.
-    """
-    head = _png_header(data)
-    if head is None or not _png_intact(data):
-        return None  # libpng would print its own line about it; Pillow explains it in ours
-    width, height, depth, colour = head
-    if depth != 8 or colour not in (0, 2) or width * height > MAX_PIXELS or not width * height:
-        return None
-    cv2 = opencv()
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.shape[:2] != (height, width) or arr.dtype != np.uint8:
-        return None
-    if arr.ndim == 2 and colour == 0:
-        return arr
-    if arr.ndim == 3 and arr.shape[2] == 3 and colour == 2:
-        from fetalplanes.data.crop import to_gray
-
-        return to_gray(arr[..., ::-1])  # OpenCV gives BGR
-    return None
-
-
 #: Formats whose EXIF Orientation tag viewers honour (a phone or scanner may store the
 #: pixels sideways and say so there); PNG's rarely used eXIf chunk is left alone.
 EXIF_FORMATS = ("JPEG", "TIFF", "WEBP")
@@ -841,7 +797,4 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         return _decode_dicom(data, name)
     accepted_format(data, name)  # the allow-list, before any decoder runs
     _check_size(*image_size(data, name), name)
-    fast = _decode_png_fast(data)
-    if fast is not None:
-        return fast
     return _decode_pillow(data, name)
