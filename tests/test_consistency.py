@@ -271,10 +271,10 @@ def ray_instance() -> Iterator[Any]:
 def test_ray_gives_the_same_answers(ray_instance: Any, predictor: Predictor,
                                     files: dict[str, Path],
                                     frames: dict[str, list[np.ndarray]]) -> None:
-    from fetalplanes.inference.model_spec import ModelSpec
+    from fetalplanes.inference.model_ref import ModelRef
     from fetalplanes.inference.ray_engine import RayPredictor
 
-    remote = RayPredictor(predictor, ModelSpec("sononet16"))
+    remote = RayPredictor(predictor, ModelRef("sononet16"))
     pngs = sorted(files["png-sononet"].glob("*.png"))
     ref = [Row.of(p) for p in predictor.predict([*pngs], workers=0)]
     compare("full sononet", "PNG files, Ray", ref, [Row.of(p) for p in remote.predict([*pngs])])

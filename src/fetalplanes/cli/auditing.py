@@ -19,11 +19,11 @@ from fetalplanes.cli.options import (
     WeightsOpt,
     WorkersOpt,
     load_model,
-    model_spec,
+    model_ref,
 )
 from fetalplanes.console import report_failures
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.inference.model_spec import GRAMMAR
+from fetalplanes.inference.model_ref import GRAMMAR
 
 #: Default OUT is AUDITS_DIR/audit, then audit-1, audit-2 ...: never an existing folder.
 AUDITS_DIR = Path("runs") / "audit"
@@ -107,7 +107,7 @@ def audit(
     check_options(every, window)
     chosen = load_checklist(checklist)
     folder = _out_folder(out)
-    predictor = load_model(model_spec(model, weights, preset or chosen.preset, backend,
+    predictor = load_model(model_ref(model, weights, preset or chosen.preset, backend,
                                       min_confidence=min_confidence))
     zero_shot = predictor.fold is not None
     card = {"name": model, "preset": predictor.card.preset if zero_shot else None,

@@ -16,7 +16,7 @@ from fetalplanes.cli.options import (
     LabelsOpt,
     TtaOpt,
     load_model,
-    model_spec,
+    model_ref,
 )
 
 
@@ -71,11 +71,11 @@ def evaluate(
             fail(f"{data}: no images to evaluate in this folder", 1)
     predictor = None
     if ensemble:
-        spec = model_spec(str(run), None, "seed4", backend, tta, ensemble, 0.0)
+        spec = model_ref(str(run), None, "seed4", backend, tta, ensemble, 0.0)
         predictor = load_model(spec)
         out = out or run / f"eval-ensemble-{split.value}"
     elif not run.is_dir():  # a pretrained name or an .onnx file
-        predictor = load_model(model_spec(str(run), None, preset or "seed4", backend, tta,
+        predictor = load_model(model_ref(str(run), None, preset or "seed4", backend, tta,
                                           min_confidence=DEFAULT_MIN_CONFIDENCE))
     evaluate_fn(
         run,

@@ -21,9 +21,9 @@ from fetalplanes.cli.options import (
     QuietOpt,
     WeightsOpt,
     load_model,
-    model_spec,
+    model_ref,
 )
-from fetalplanes.inference.model_spec import GRAMMAR
+from fetalplanes.inference.model_ref import GRAMMAR
 
 ModelArg = Annotated[
     str,
@@ -85,7 +85,7 @@ def listen(
     if len(ae_title.strip()) == 0 or len(ae_title) > 16:
         fail(f"--ae-title {ae_title!r}: 1 to 16 characters")
     setup_logging(quiet, verbose)
-    predictor = load_model(model_spec(model, weights, preset, backend,
+    predictor = load_model(model_ref(model, weights, preset, backend,
                                       min_confidence=min_confidence))
     info = model_info(predictor, _model_name(model), backend.value)
     listener = Listener(predictor, out, info, ae_title=ae_title, host=host, port=port,
@@ -225,7 +225,7 @@ def pacs_classify(
 
     setup_logging(True)
     client = _client(url, user, password, token)
-    predictor = load_model(model_spec(model, weights, preset, backend,
+    predictor = load_model(model_ref(model, weights, preset, backend,
                                       min_confidence=min_confidence))
     info = model_info(predictor, _model_name(model), backend.value)
     work = out or Path("pacs-classify") / study

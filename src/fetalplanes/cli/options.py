@@ -2,7 +2,7 @@
 
 Every command that takes a model takes it the same way (`MODEL` first, or `--model`), with
 the same `--weights`, `--preset`, `--backend`, `--tta`, `--ensemble` and
-`--min-confidence`; `model_spec` turns them into the one `ModelSpec`, and `load_model`
+`--min-confidence`; `model_ref` turns them into the one `ModelRef`, and `load_model`
 builds the predictor. Where an option names an architecture to train it is `--arch`.
 Values are checked by Typer before a command runs (ranges, finite numbers), so a bad value
 is one line and exit 2, never a traceback or a silently empty run.
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fetalplanes.inference.model_spec import GRAMMAR, ModelSpec
+from fetalplanes.inference.model_ref import GRAMMAR, ModelRef
 from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE
 
 
@@ -159,7 +159,7 @@ def split_model(args: list[str], model: str | None, rest: int | None,
     return str(first), others
 
 
-def model_spec(
+def model_ref(
     model: str,
     weights: Path | None = None,
     preset: str = "seed4",
@@ -167,15 +167,15 @@ def model_spec(
     tta: bool = False,
     ensemble: str | None = None,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-) -> ModelSpec:
-    """The `ModelSpec` of a command's model options."""
+) -> ModelRef:
+    """The `ModelRef` of a command's model options."""
     extra = tuple(p.strip() for p in (ensemble or "").split(",") if p.strip())
     value = backend.value if isinstance(backend, BackendChoice) else str(backend)
-    return ModelSpec(model, str(weights) if weights else None, preset, value, tta, extra,
+    return ModelRef(model, str(weights) if weights else None, preset, value, tta, extra,
                      min_confidence=min_confidence)
 
 
-def load_model(spec: ModelSpec) -> Any:
+def load_model(spec: ModelRef) -> Any:
     """The predictor for a spec. A run used with an ONNX backend is exported first
     (`tools.export.ensure_onnx`: inference itself never writes a run folder)."""
     if spec.kind == "run" and spec.backend in ("onnx", "onnx-int8"):

@@ -32,15 +32,15 @@ from fetalplanes.cli.options import (
     WeightsOpt,
     WorkersOpt,
     load_model,
-    model_spec,
+    model_ref,
     split_model,
 )
-from fetalplanes.inference.model_spec import ModelSpec
+from fetalplanes.inference.model_ref import ModelRef
 from fetalplanes.inference.predictor import DEFAULT_MIN_CONFIDENCE as DEFAULT_MIN_CONF
 from fetalplanes.inference.results import Prediction, columns
 
 
-def on_engine(pred: Any, engine: Engine, address: str | None, spec: ModelSpec,
+def on_engine(pred: Any, engine: Engine, address: str | None, spec: ModelRef,
               ordered: bool) -> Any:
     """The predictor itself (local), or the same model spread over a Ray cluster."""
     if engine is Engine.local:
@@ -80,7 +80,7 @@ def predict(
     from fetalplanes.data.sources import collect, count_items, iter_items
 
     first, inputs = split_model(args, model, None, "fetalplanes predict MODEL INPUT...")
-    spec = model_spec(first, weights, preset, backend, tta, ensemble, min_confidence)
+    spec = model_ref(first, weights, preset, backend, tta, ensemble, min_confidence)
     pred = load_model(spec)
     sources = collect([Path(a) for a in inputs])
     if not sources:
@@ -166,7 +166,7 @@ def sort_cmd(
 
     first, rest = split_model(args, model, 2, "fetalplanes sort MODEL INPUT_DIR OUT_DIR")
     inp, out = Path(rest[0]), Path(rest[1])
-    spec = model_spec(first, weights, preset, backend, tta, ensemble, min_confidence)
+    spec = model_ref(first, weights, preset, backend, tta, ensemble, min_confidence)
     pred = on_engine(load_model(spec), engine, address, spec, ordered=False)  # journal: any order
     s = sort_images(pred, inp, out, min_confidence, batch_size=batch_size, workers=workers,
                     progress=not quiet, model=spec.describe())
@@ -199,7 +199,7 @@ def explain(
 
     first, rest = split_model(args, model, 1, "fetalplanes explain MODEL IMAGE")
     image = Path(rest[0])
-    predictor = load_model(model_spec(first, weights, preset, BackendChoice.torch))
+    predictor = load_model(model_ref(first, weights, preset, BackendChoice.torch))
     dest = out or Path(f"{image.stem}-gradcam.png")
     made = explain_file(predictor, image, dest, target)
     pred = made.prediction

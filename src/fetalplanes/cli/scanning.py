@@ -22,7 +22,7 @@ from fetalplanes.cli.options import (
     WeightsOpt,
     WorkersOpt,
     load_model,
-    model_spec,
+    model_ref,
     out_option,
     split_model,
 )
@@ -95,7 +95,7 @@ def scan(
     if out is not None:
         _check_out(out, source_path)
     source = open_source(source_path, fps)  # fails fast on an unreadable input
-    pred = load_model(model_spec(first, weights, preset, backend, min_confidence=min_confidence))
+    pred = load_model(model_ref(first, weights, preset, backend, min_confidence=min_confidence))
     result = timeline.scan(pred, source, every=every, window=window, batch_size=batch_size,
                            progress=not quiet, workers=workers)
     folder = _make_out(out, source_path)

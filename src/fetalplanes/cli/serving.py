@@ -16,7 +16,7 @@ from fetalplanes.cli.options import (
     PresetOpt,
     WeightsOpt,
     load_model,
-    model_spec,
+    model_ref,
 )
 
 
@@ -83,7 +83,7 @@ def serve(
     )
     sock = bind(settings)  # a busy port is one line now, before the model is loaded
     try:
-        predictor = load_model(model_spec(str(run or model), weights, preset, backend,
+        predictor = load_model(model_ref(str(run or model), weights, preset, backend,
                                           min_confidence=min_confidence))
     except BaseException:
         sock.close()

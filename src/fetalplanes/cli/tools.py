@@ -19,7 +19,7 @@ from fetalplanes.cli.options import (
     PresetOpt,
     WeightsOpt,
     arch_of,
-    model_spec,
+    model_ref,
     split_model,
 )
 
@@ -163,7 +163,7 @@ def export_cmd(
     from fetalplanes.tools.export import export_model
 
     first, _ = split_model(list(args or []), model, 0, "fetalplanes export MODEL")
-    spec = model_spec(first, weights)
+    spec = model_ref(first, weights)
     for path in export_model(spec, out, opset, int8, calibration):
         kind = "int8 convolutions; use it with --backend onnx-int8" if ".int8." in path.name \
             else f"opset {opset}, dynamic batch; use it with --backend onnx"

@@ -41,7 +41,7 @@ from fetalplanes.data.loading import Batch, prepare_item
 from fetalplanes.data.preprocess import Preprocess
 from fetalplanes.data.sources import Item
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.inference.model_spec import ModelSpec
+from fetalplanes.inference.model_ref import ModelRef
 from fetalplanes.inference.outputs import Outputs
 from fetalplanes.inference.predictor import Engine, Predictor, Result
 from fetalplanes.inference.results import Prediction
@@ -66,7 +66,7 @@ def ray_module() -> Any:
     return ray
 
 
-def load_actor_model(spec: ModelSpec, threads: int) -> Predictor:
+def load_actor_model(spec: ModelRef, threads: int) -> Predictor:
     """The model an actor runs, limited to `threads` CPU threads (its share of the node)."""
     pred = spec.load()
     _limit_threads(pred, threads)
@@ -74,7 +74,7 @@ def load_actor_model(spec: ModelSpec, threads: int) -> Predictor:
 
 
 #: Kept for callers of fetalplanes 0.2: the recipe an actor loads is the model spec itself.
-ModelRecipe = ModelSpec
+ModelRecipe = ModelRef
 
 
 def _limit_threads(pred: Predictor, threads: int) -> None:
@@ -126,7 +126,7 @@ def _fault_point(calls: int) -> None:
 class ModelActor:
     """Actor: one model per actor process, loaded once, run on every batch it is given."""
 
-    def __init__(self, recipe: ModelSpec, threads: int, n_classes: int):
+    def __init__(self, recipe: ModelRef, threads: int, n_classes: int):
         self.predictor = load_actor_model(recipe, threads)
         self.n_classes = n_classes
         self.calls = 0
@@ -148,7 +148,7 @@ class ModelActor:
         return passed | {"logits": logits, "score": score, "has_score": has_score}
 
 
-def bound_actor(recipe: ModelSpec, threads: int, n_classes: int) -> type[ModelActor]:
+def bound_actor(recipe: ModelRef, threads: int, n_classes: int) -> type[ModelActor]:
     """`ModelActor` with its arguments inside the class: Ray ships the class by value, so
     a restarted actor never depends on constructor arguments held in the object store."""
 
@@ -191,7 +191,7 @@ class RayPredictor(Engine):
     `ordered`), so every sink (predict, sort, scan ...) uses it like a local predictor.
 
     `predictor` is the driver's copy (class names, calibration, rejection); `spec` tells
-    each actor how to load its own (`ModelSpec`, paths made absolute). `address` is a Ray
+    each actor how to load its own (`ModelRef`, paths made absolute). `address` is a Ray
     cluster (`auto`, or `HOST:PORT` of `ray start --head`); None starts a private local
     instance, which ends with the stream. An already connected driver (`ray.init`) is used
     as it is.
@@ -200,7 +200,7 @@ class RayPredictor(Engine):
     def __init__(
         self,
         predictor: Predictor,
-        spec: ModelSpec,
+        spec: ModelRef,
         address: str | None = None,
         actors: int | None = None,
         ordered: bool = True,

@@ -303,7 +303,7 @@ def _quantize(fp32: Path, pixels: np.ndarray, work: Path) -> None:
 
 def export_model(spec: Any, out: str | Path | None = None, opset: int = 17, int8: bool = False,
                  calibration: str | Path | None = None) -> list[Path]:
-    """Export whatever the model argument names (`ModelSpec`): a run folder (default
+    """Export whatever the model argument names (`ModelRef`): a run folder (default
     RUN/model.onnx) or a pretrained name (default ./NAME.onnx, never over an existing file);
     with `int8` also the int8 copy. Returns the files written."""
     kind = spec.kind

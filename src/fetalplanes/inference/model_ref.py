@@ -5,7 +5,7 @@ export, bench, listen, audit, and the Ray actors): a **run folder** (or a folder
 which is an ensemble), an exported **.onnx file** (its card travels in the metadata), or a
 **pretrained name** (`sononet16`, bundled; `fetalplanes models` lists them), with
 `--weights` for a pretrained name's own weights file, `--backend` for how it runs, `--tta`
-and `--ensemble` for more runs averaged in. `ModelSpec` holds that argument; `kind` says
+and `--ensemble` for more runs averaged in. `ModelRef` holds that argument; `kind` says
 which of the three it is and `load()` builds the `Predictor`.
 """
 
@@ -28,7 +28,7 @@ GRAMMAR = ("a run folder (or a folder of runs: an ensemble), an exported .onnx f
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelRef:
     """A model argument and the options that go with it."""
 
     model: str
@@ -91,10 +91,10 @@ class ModelSpec:
                 f"{where}; ready: {ready}"
             ) from None
 
-    def with_(self, **changes: object) -> ModelSpec:
+    def with_(self, **changes: object) -> ModelRef:
         return replace(self, **changes)  # type: ignore[arg-type]
 
-    def absolute(self) -> ModelSpec:
+    def absolute(self) -> ModelRef:
         """The same spec with file paths made absolute: processes elsewhere (Ray actors on
         other nodes) do not share this working folder."""
 
