@@ -1,7 +1,8 @@
 """Every ```python block in README.md and docs/*.md runs, so the docs cannot drift.
 
 Blocks of one file run in order in one namespace, in a fresh folder holding what the
-examples name: `runs/demo` (a trained run), `scan.png` and `scans/` (synthetic phantoms).
+examples name: `fetalplanes-demo/run` (a trained run, where the README's `fetalplanes demo`
+leaves its run), `scan.png` and `scans/` (synthetic phantoms).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_python_blocks_run(doc: Path, trained_run: Path, tmp_path: Path,
     from fetalplanes.data.images import opencv
     from fetalplanes.data.synth import SEED4, render_phantom
 
-    shutil.copytree(trained_run, tmp_path / "runs" / "demo")
+    shutil.copytree(trained_run, tmp_path / "fetalplanes-demo" / "run")
     (tmp_path / "scans").mkdir()
     cv2 = opencv()
     for i, plane in enumerate(SEED4):
