@@ -299,3 +299,44 @@ def test_there_is_one_loop_from_input_to_result() -> None:
     loops = [str(p.relative_to(root)) for p in root.rglob("*.py")
              if "iter_prepared(" in p.read_text() and p.name != "loading.py"]
     assert loops == ["inference/predictor.py"], loops
+
+
+# ------------------------------------------------------------------ the DICOM network
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_dicom_network_gives_the_same_answers(
+    workers: int, predictor: Predictor, files: dict[str, Path],
+    frames: dict[str, list[np.ndarray]], tmp_path: Path
+) -> None:
+    """`listen` (in-process, and with its long-lived worker pool) on the uncompressed cine
+    with a region and the JPEG cine, sent by dcmtk's storescu over loopback."""
+    import json
+
+    from test_dicom_network import storescu
+
+    from fetalplanes.workflows.dicom_listen import Listener, model_info
+
+    node = Listener(predictor, tmp_path / "out", model_info(predictor, "sononet16", "auto"),
+                    port=0, settle=0.2, workers=workers)
+    node.start()
+    try:
+        for name in ("dicom-sononet", "jpeg"):
+            proc = storescu(node.port, [files[name]], "-xy" if name == "jpeg" else "-xe")
+            assert proc.returncode == 0, proc.stderr
+        assert node.wait_idle(120)
+    finally:
+        node.stop(drain_timeout=30)
+    from pydicom import dcmread
+
+    results = {p.stem: json.loads(p.read_text())
+               for p in (tmp_path / "out" / "results").glob("*/*.json")}
+    way = f"listen, storescu over loopback (workers={workers})"
+    fs = frames["sononet"]
+    references = {
+        "dicom-sononet": ("region sononet", [Row.of(p) for p in predictor.predict_items(
+            Frames(fs, region=SONONET_REGION).items(), workers=0)]),
+        "jpeg": ("jpeg cine", [Row.of(p) for p in predictor.predict([files["jpeg"]], workers=0)]),
+    }
+    for name, (group, reference) in references.items():
+        uid = dcmread(files[name], stop_before_pixels=True).SOPInstanceUID
+        got = sorted(results[uid]["predictions"], key=lambda d: d["frame"])
+        compare(group, way, reference, [Row.of_json(d) for d in got])

@@ -66,6 +66,9 @@ def listen(
     min_confidence: MinConfidenceOpt = 0.5,
     batch: Annotated[int, typer.Option(min=1, help="Stored instances taken for "
                                        "classification at once, at most.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes that "
+                                         "decode and classify, started once (0: in the "
+                                         "node's own process).")] = 2,
     settle: Annotated[float, typer.Option(min=0.0, help="Seconds without a new instance "
                                           "before a study's results are forwarded.")] = 5.0,
     quiet: QuietOpt = False,
@@ -89,7 +92,8 @@ def listen(
                                       min_confidence=min_confidence))
     info = model_info(predictor, _model_name(model), backend.value)
     listener = Listener(predictor, out, info, ae_title=ae_title, host=host, port=port,
-                        allow=allow or (), forward=peer, batch=batch, settle=settle)
+                        allow=allow or (), forward=peer, batch=batch, settle=settle,
+                        workers=workers)
     if host not in LOOPBACK:
         typer.secho(f"warning: listening on {host}: any host that reaches it can send "
                     "images (use --allow to name the senders)", fg=typer.colors.YELLOW,

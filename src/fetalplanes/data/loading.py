@@ -332,6 +332,40 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
+class DecodePool:
+    """Decode workers (and, with `model`, the network in them) that outlive one stream.
+
+    Why: a long-running node (`listen`, a server) classifies a few items at a time, and a
+    pool per call would pay process start-up and a model load every time. Create it once,
+    before the node starts its threads (workers are forked), pass it to every
+    `Predictor.stream(..., pool=)`, and `close()` it at the end. Workers die with their
+    parent, like every decode worker."""
+
+    def __init__(self, pp: Preprocess, workers: int, model: WorkerModel | None = None,
+                 digest: bool = False):
+        self.pp, self.model, self.workers = pp, model, max(1, workers)
+        by_main = threading.current_thread() is threading.main_thread()
+        ctx = _pool_context()
+        parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
+        self._executor = ProcessPoolExecutor(self.workers, ctx, _init_worker,
+                                             (pp, model, digest, parent, by_main))
+
+    def start(self) -> DecodePool:
+        """Start every worker now (a fork pool starts them all at its first task), so they
+        are forked from this thread before the caller starts others."""
+        self._executor.submit(_work, []).result()
+        return self
+
+    def close(self) -> None:
+        _stop(self._executor)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def iter_prepared(
     items: Iterable[Item],
     pp: Preprocess,
@@ -340,25 +374,26 @@ def iter_prepared(
     model: WorkerModel | None = None,
     digest: bool = False,
     hold: Hold | None = None,
+    pool: DecodePool | None = None,
 ) -> Iterator[tuple[list[Item], Batch]]:
     """(chunk of items, its prepared batch) in input order, decoding in `workers` processes
-    (0: here). Items are taken lazily (a video decodes while earlier frames are prepared);
-    at most `4 x workers` chunks are in flight. With `model`, each worker also runs the
-    model on its chunk and fills `Batch.outputs` (see `WorkerModel`)."""
+    (0: here) or in a long-lived `pool`. Items are taken lazily (a video decodes while
+    earlier frames are prepared); at most `4 x workers` chunks are in flight. With `model`,
+    each worker also runs the model on its chunk and fills `Batch.outputs`."""
     chunks = _chunks(items, max(1, batch_size))
-    if workers <= 0 or hold is not None:
+    if pool is None and (workers <= 0 or hold is not None):
         with sigterm_interrupts():
             for chunk in chunks:
                 yield chunk, prepare_chunk(chunk, pp, model, digest, hold)
         return
-    by_main = threading.current_thread() is threading.main_thread()
-    ctx = _pool_context()
-    parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
-    pool = ProcessPoolExecutor(workers, ctx, _init_worker, (pp, model, digest, parent, by_main))
+    own = pool is None
+    if pool is None:
+        pool = DecodePool(pp, workers, model, digest)
+    executor = pool._executor
     try:
         with sigterm_interrupts():
             pending: deque[tuple[list[Item], Any]] = deque(
-                (c, pool.submit(_work, c)) for c in _take(chunks, 4 * workers)
+                (c, executor.submit(_work, c)) for c in _take(chunks, 4 * pool.workers)
             )
             while pending:
                 chunk, future = pending.popleft()
@@ -369,10 +404,11 @@ def iter_prepared(
                         "a decode worker process died (out of memory, or killed); "
                         "run again with --workers 0 to decode in one process"
                     ) from None
-                pending.extend((c, pool.submit(_work, c)) for c in _take(chunks, 1))
+                pending.extend((c, executor.submit(_work, c)) for c in _take(chunks, 1))
                 yield chunk, batch
     finally:
-        _stop(pool)
+        if own:
+            pool.close()
 
 
 def iter_batches(

@@ -39,7 +39,7 @@ Fold = Callable[[np.ndarray], tuple[np.ndarray, list[str]]]
 Hold = Callable[[Item], contextlib.AbstractContextManager[Any]]
 
 if TYPE_CHECKING:
-    from fetalplanes.data.loading import Batch
+    from fetalplanes.data.loading import Batch, DecodePool
 
 
 class Engine:
@@ -321,6 +321,7 @@ class Predictor(Engine):
         progress: bool = False,
         keep_outputs: bool = False,
         hold: Hold | None = None,
+        pool: DecodePool | None = None,
         desc: str = "classifying",
     ) -> Iterator[Result]:
         """The one loop from input to result: items -> decode -> crop -> resize -> network
@@ -329,7 +330,9 @@ class Predictor(Engine):
         Every way in ends here (files, DICOM frames, videos, frame folders, uploads, the
         DICOM network, live frames); only the executor differs: in this process
         (`workers=0`, or `hold`: a server's decode budget wrapped around each item) or the
-        decode-worker pool (`workers` processes; `None`: chosen from `expected`). A backend
+        decode-worker pool (`workers` processes; `None`: chosen from `expected`; or a
+        long-lived `pool` from `decode_pool`, for nodes that classify a little at a time). A
+        backend
         that offers `worker_model()` (ONNX Runtime) also runs the network in the workers,
         single-threaded, on chunks of `WORKER_BATCH` items. `RayPredictor.stream` is the
         same loop on a Ray cluster.
@@ -342,19 +345,29 @@ class Predictor(Engine):
             n_workers = 0
         recipe = getattr(self.backend, "worker_model", None)
         model = recipe() if recipe is not None and n_workers > 0 else None
+        if pool is not None:  # a long-lived pool (`decode_pool`) brings its own model
+            model = pool.model
         if model is not None:
             batch_size = min(batch_size, WORKER_BATCH)
         bar = progress_bar(total=expected, desc=desc, unit="img", disable=not progress,
                            smoothing=0.1)
         try:
             for chunk, batch in iter_prepared(items, self.pp, batch_size, n_workers, model,
-                                              hold=hold):
+                                              hold=hold, pool=pool):
                 for item, pred in zip(chunk, self.classify(chunk, batch, keep_outputs),
                                       strict=True):
                     yield Result(item, pred)
                 bar.update(len(chunk))
         finally:
             bar.close()
+
+    def decode_pool(self, workers: int) -> DecodePool:
+        """Decode workers that outlive one `stream` (and run an ONNX model in them): for a
+        long-running node; create it before starting threads, `close()` it at the end."""
+        from fetalplanes.data.loading import DecodePool
+
+        recipe = getattr(self.backend, "worker_model", None)
+        return DecodePool(self.pp, workers, recipe() if recipe is not None else None).start()
 
     def predict_arrays(
         self, images: Sequence[np.ndarray], names: Sequence[str] | None = None

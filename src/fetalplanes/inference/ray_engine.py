@@ -240,6 +240,7 @@ class RayPredictor(Engine):
         progress: bool = False,
         keep_outputs: bool = False,
         hold: Any = None,
+        pool: Any = None,
         desc: str = "classifying",
     ) -> Iterator[Result]:
         """Results as the cluster returns them (`workers` is Ray's to choose)."""

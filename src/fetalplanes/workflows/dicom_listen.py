@@ -116,18 +116,20 @@ def decodable_syntaxes() -> list[str]:
 
 
 # ----------------------------------------------------------------- classification adapter
-def classify_instances(predictor: Any, paths: Sequence[str | Path]) -> list[Prediction]:
+def classify_instances(predictor: Any, paths: Sequence[str | Path],
+                       pool: Any = None) -> list[Prediction]:
     """Every frame of these DICOM files through the one engine (`Predictor.stream`): the
     network is one more source, like files and uploads. Each frame of a multi-frame file
     is its own item (`file.dcm#frame=N`, `Prediction.frame` set). Decoding runs in this
     thread and the model sees at most `CLASSIFY_BATCH` frames at once: a long-running node
     holds the memory of a few frames, and forks no worker processes from a threaded server
     (on 2 busy cores this was also the fastest: 15 frames/s against 13-14 with 2 workers).
-    """
+    With `pool` (`Listener(workers=N)`, a `DecodePool` made once at start), the frames are
+    decoded and classified in N long-lived worker processes instead."""
     from fetalplanes.data.sources import file_source, iter_items
 
     sources = [file_source(p) for p in paths]  # DICOM by content: every frame an item
-    return list(predictor.predict_items(iter_items(sources), workers=0,
+    return list(predictor.predict_items(iter_items(sources), workers=0, pool=pool,
                                         batch_size=CLASSIFY_BATCH))
 
 
@@ -227,6 +229,7 @@ class Listener:
         allow: Sequence[str] = (),
         forward: Peer | None = None,
         batch: int = 64,
+        workers: int = 0,
         report_delay: float = REPORT_DELAY_S,
         results_interval: float = RESULTS_INTERVAL_S,
         settle: float = SETTLE_S,
@@ -239,6 +242,8 @@ class Listener:
         self.allow = [a.strip() for a in allow if a.strip()]
         self.forward = forward
         self.batch = max(1, batch)
+        self.workers = max(0, workers)
+        self._pool: Any = None  # the engine's long-lived decode workers (workers > 0)
         self.report_delay = report_delay
         self.results_interval = results_interval
         self.settle = settle
@@ -264,6 +269,8 @@ class Listener:
             log.info("removed %d partial file(s) of interrupted associations", partial)
         if self.forward is not None:
             self._forwarder = Forwarder(self.forward, self.ae_title, self.folder, self.stats)
+        if self.workers and getattr(self.predictor, "decode_pool", None) is not None:
+            self._pool = self.predictor.decode_pool(self.workers)  # before any thread starts
         self._recover()
         for target, name in ((self._classify_loop, "classifier"),
                              (self._report_loop, "reporter")):
@@ -295,6 +302,8 @@ class Listener:
         self._reporter_done.wait(drain_timeout)
         if self._forwarder is not None:
             self._forwarder.stop(drain_timeout)
+        if self._pool is not None:
+            self._pool.close()
         self.write_stats()
         log.info("stopped: %s", _counts(self.stats))
 
@@ -541,7 +550,7 @@ class Listener:
     def _classify(self, batch: list[Received]) -> None:
         started = time.monotonic()
         by_path: dict[str, list[Prediction]] = {str(r.path): [] for r in batch}
-        for p in classify_instances(self.predictor, [r.path for r in batch]):
+        for p in classify_instances(self.predictor, [r.path for r in batch], self._pool):
             by_path.setdefault(parse_frame_name(p.path)[0], []).append(p)
         frames = 0
         for r in batch:
