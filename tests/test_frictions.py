@@ -243,3 +243,19 @@ def test_heat_maps_for_the_bundled_model_with_the_torch_backend() -> None:
 
 def test_subprocess_python_is_this_interpreter() -> None:
     assert cli_command("x")[:3] == [sys.executable, "-m", "fetalplanes"]
+
+
+def test_a_frame_folder_skips_its_bad_frames_with_a_line_each(tmp_path: Path) -> None:
+    """One unreadable frame refused the whole sweep; now it is skipped and named."""
+    frames = tmp_path / "frames"
+    for i in range(6):
+        _png(frames, f"f{i}.png", i)
+    (frames / "f3.png").write_bytes(b"not a png at all")
+    r = runner.invoke(app, ["scan", "sononet16", str(frames), "--out", str(tmp_path / "out"),
+                            "--window", "1"])
+    assert r.exit_code == 0, r.output
+    skipped = [line for line in r.output.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 1 and "f3.png" in skipped[0]
+    assert "5 frames scanned" in r.output
+    rows = (tmp_path / "out" / "timeline.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 and not any("f3.png" in row for row in rows)
