@@ -29,7 +29,7 @@ from fetalplanes.data.sources import (
     open_upload,
 )
 from fetalplanes.data.video import memory_file, natural_key, write_video
-from fetalplanes.errors import ImageError
+from fetalplanes.errors import FetalPlanesError, ImageError
 
 pytestmark = pytest.mark.slow  # real-frame, subprocess or timing tests: CI lane
 
@@ -265,7 +265,7 @@ def test_unreadable_inputs_give_one_line_naming_the_file(tmp_path: Path) -> None
     cases = {text: "notes.mp4", tmp_path / "missing.avi": "missing.avi", empty_dir: "empty",
              truncated: "cut.dcm"}
     for path, name in cases.items():
-        with pytest.raises(ImageError) as info:
+        with pytest.raises(FetalPlanesError) as info:  # ImageError, NoInputError (empty)
             source = open_source(path)
             list(source.frames())
         msg = str(info.value)
