@@ -173,3 +173,152 @@ def test_fast_encoding_reads_the_same_as_a_plain_write(study, tmp_path: Path):
     assert dciodvfy(fast) == []
     assert dcmread(fast).ContentSequence[-1].ContentSequence[3].ContentSequence[-1] \
         .ReferencedSOPSequence[0].ReferencedFrameNumber == 3
+
+
+# ------------------------------------------------------------------ the exam checklist
+from fetalplanes.data.datasets import VIEWS13  # noqa: E402
+from fetalplanes.workflows.checklist import load_checklist  # noqa: E402
+from fetalplanes.workflows.dicom_results import (  # noqa: E402
+    checklist_result,
+    item_code,
+)
+
+ISUOG = load_checklist("isuog-mid-trimester")
+
+
+def checklist_section(sr) -> list:
+    """The "Exam checklist" container of an SR read back with pydicom."""
+    (section,) = [i for i in sr.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "CHECKLIST"]
+    return list(section.ContentSequence)
+
+
+def checklist_rows(sr) -> dict[str, dict]:
+    """item name -> what the SR says of it: view code, status, best frame, confidence."""
+    rows = {}
+    for item in checklist_section(sr):
+        if item.ValueType != "CONTAINER":
+            continue
+        got: dict = {}
+        for c in item.ContentSequence:
+            name = c.ConceptNameCodeSequence[0].CodeValue
+            if c.ValueType == "CODE":
+                got[name] = (c.ConceptCodeSequence[0].CodeValue,
+                             c.ConceptCodeSequence[0].CodingSchemeDesignator)
+            elif c.ValueType == "TEXT":
+                got[name] = c.TextValue
+            elif c.ValueType == "NUM":
+                got[name] = float(c.MeasuredValueSequence[0].NumericValue)
+            elif c.ValueType == "IMAGE":
+                ref = c.ReferencedSOPSequence[0]
+                frames = ref.get("ReferencedFrameNumber")
+                got[name] = (ref.ReferencedSOPInstanceUID,
+                             None if frames is None else int(frames))
+        rows[got["ITEM_NAME"]] = got
+    return rows
+
+
+def checklist_frames(paths: list[Path]) -> list[FrameResult]:
+    """Views13 predictions for the `study` fixture: a still and a 3-frame cine."""
+    ds1, ds2 = (dcmread(p, stop_before_pixels=True) for p in paths)
+    single, cine = SourceInstance.from_dataset(ds1), SourceInstance.from_dataset(ds2)
+    return [
+        FrameResult(single, pred("Four-chamber view", 0.91)),
+        FrameResult(cine, pred("Kidneys", 0.62, 0)),
+        FrameResult(cine, pred("Kidneys", 0.83, 1)),
+        FrameResult(cine, pred("Femur length plane", 0.97, 2, uncertain=True)),
+        FrameResult(cine, failed("cine.dcm#frame=9", "cannot decode")),
+    ]
+
+
+def test_views_and_checklist_items_have_distinct_codes():
+    """Within a preset (and a checklist) no two views share a code, so a coded view in
+    the SR names one view; SNOMED CT where the anatomy is the view's own."""
+    assert len({plane_code(v) for v in VIEWS13}) == len(VIEWS13)
+    assert plane_code("Kidneys").value == "64033007"
+    assert plane_code("Femur length plane") == plane_code("Fetal femur")  # same anatomy
+    assert plane_code("Four-chamber view").scheme_designator == PRIVATE_SCHEME
+    for name in ("isuog-mid-trimester", "seed4-planes"):
+        c = load_checklist(name)
+        codes = [item_code(c.name, i) for i in c.items]
+        assert len({(k.value, k.scheme_designator) for k in codes}) == len(c.items)
+        assert all(len(k.value) <= 16 and k.meaning for k in codes)
+    isuog = {i.id: item_code(ISUOG.name, i) for i in ISUOG.items}
+    assert isuog["heart-lvot"] == plane_code("Left ventricular outflow tract")
+    assert (isuog["placenta"].value, isuog["placenta"].scheme_designator) == ("78067005", "SCT")
+    assert isuog["cardiac-activity"].scheme_designator == PRIVATE_SCHEME
+
+
+def test_checklist_goes_into_the_sr_and_kos(study, tmp_path: Path):
+    _, paths = study
+    identity, _ = results_for(paths)
+    results = checklist_frames(paths)
+    check = checklist_result(ISUOG, results, VIEWS13)
+    assert check.present == ["Four-chamber view (situs, axis, size)", "Kidneys"]
+    sr = build_sr(identity, results, MODEL, checklist=check)
+    kos = build_kos(identity, best_frame_results(results), MODEL, checklist=check,
+                    results=results)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    kos.save_as(tmp_path / "kos.dcm", enforce_file_format=True)
+    sr, kos = dcmread(tmp_path / "sr.dcm"), dcmread(tmp_path / "kos.dcm")
+    rows = checklist_rows(sr)
+    assert list(rows) == [i.name for i in ISUOG.items if i.required]
+    single, cine = (dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths)
+    four, kidneys = rows["Four-chamber view (situs, axis, size)"], rows["Kidneys"]
+    assert four["VIEW_STATUS"] == ("PRESENT", PRIVATE_SCHEME)
+    assert four["BEST_FRAME"] == (single, None) and four["CONFIDENCE"] == 0.91
+    assert kidneys["CHECKLIST_VIEW"] == ("64033007", "SCT")
+    assert kidneys["BEST_FRAME"] == (cine, 2) and kidneys["CONFIDENCE"] == 0.83
+    assert kidneys["VIEW_FRAMES"] == 2
+    femur = rows["Femur (FL)"]  # only an uncertain frame: missing, no frame referenced
+    assert femur["VIEW_STATUS"] == ("MISSING", PRIVATE_SCHEME) and "BEST_FRAME" not in femur
+    orbits = rows["Both orbits"]
+    assert orbits["VIEW_STATUS"] == ("NOT_ASSESSED", PRIVATE_SCHEME)
+    texts = {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue
+             for i in checklist_section(sr) if i.ValueType == "TEXT"}
+    assert texts["MISSING_VIEWS"] == "; ".join(check.missing)
+    assert texts["CHECKLIST_NAME"].startswith("isuog-mid-trimester: ISUOG")
+    # the KOS: the best frame of each present checklist view, missing views in its text
+    refs = [(r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+             r.ReferencedSOPSequence[0].get("ReferencedFrameNumber"))
+            for r in kos.ContentSequence if r.ValueType == "IMAGE"]
+    assert refs == [(single, None), (cine, 2)]
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113013"  # still "Best In Set"
+    (text,) = [i.TextValue for i in kos.ContentSequence if i.ValueType == "TEXT"
+               and i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # Key Object Descr.
+    assert text.startswith("Best frame of each view of checklist isuog-mid-trimester by "
+                           "sononet16: Four-chamber view (situs, axis, size); Kidneys.")
+    assert f"Missing: {'; '.join(check.missing)}." in text
+    assert "Femur (FL)" in text.split("Missing:")[1]
+    assert "Not assessed by this model: 13 item(s)." in text
+    # another checklist result, another document; without one, the SR has no section
+    assert build_sr(identity, results, MODEL).SOPInstanceUID != sr.SOPInstanceUID
+    assert not [i for i in build_sr(identity, results, MODEL).ContentSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == "CHECKLIST"]
+
+
+def test_checklist_sr_and_kos_read_and_validated_by_dcmtk_and_dicom3tools(study,
+                                                                         tmp_path: Path):
+    _, paths = study
+    identity, _ = results_for(paths)
+    results = checklist_frames(paths)
+    check = checklist_result(ISUOG, results, VIEWS13)
+    uid, data = encode_sr(identity, results, MODEL, checklist=check)
+    fast, plain, kos_path = tmp_path / "fast.dcm", tmp_path / "sr.dcm", tmp_path / "kos.dcm"
+    fast.write_bytes(data)
+    build_sr(identity, results, MODEL, checklist=check).save_as(plain,
+                                                                 enforce_file_format=True)
+    build_kos(identity, best_frame_results(results), MODEL, checklist=check,
+              results=results).save_as(kos_path, enforce_file_format=True)
+    text = dsrdump(plain)
+    assert dsrdump(fast).split("Content Date/Time")[1].split("\n", 1)[1] == \
+        text.split("Content Date/Time")[1].split("\n", 1)[1]
+    section = text.split('CONTAINER:(,,"Exam checklist")')[1]
+    assert section.count('"Checklist item")') == len(ISUOG.items)
+    assert '(64033007,SCT,"Kidney")' in section and "(USm image,,2)" in section
+    assert f'(NOT_ASSESSED,{PRIVATE_SCHEME},"Not assessed by this model")' in section
+    assert f'(MISSING,{PRIVATE_SCHEME},"Missing from the study")' in section
+    assert f'(PRESENT,{PRIVATE_SCHEME},"Present in the study")' in section
+    kos_text = dsrdump(kos_path)
+    assert '"Best In Set"' in kos_text and "(USm image,,2)" in kos_text
+    assert dciodvfy(plain) == [] and dciodvfy(fast) == [] and dciodvfy(kos_path) == []

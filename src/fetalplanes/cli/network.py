@@ -25,6 +25,13 @@ from fetalplanes.cli.options import (
 )
 from fetalplanes.inference.model_ref import GRAMMAR
 
+ChecklistOpt = Annotated[
+    str | None,
+    typer.Option("--checklist", help="Put the exam checklist into each study's SR and KOS: "
+                 "isuog-mid-trimester, seed4-planes or a FILE.json (as `fetalplanes audit`; "
+                 "a zero-shot model is folded to the checklist's preset, whatever --preset "
+                 "says). Default: none."),
+]
 ModelArg = Annotated[
     str,
     typer.Argument(help=f"The model: {GRAMMAR}. Default: the bundled sononet16."),
@@ -71,6 +78,7 @@ def listen(
                                          "node's own process).")] = 2,
     settle: Annotated[float, typer.Option(min=0.0, help="Seconds without a new instance "
                                           "before a study's results are forwarded.")] = 5.0,
+    checklist: ChecklistOpt = None,
     quiet: QuietOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every instance.")
                        ] = False,
@@ -80,20 +88,21 @@ def listen(
     Accepts C-ECHO and Ultrasound (Multi-frame) Image and Secondary Capture storage.
     Each instance is stored durably before Success is answered; per study a
     Comprehensive SR and a Key Object Selection (best frame of each plane) are written
-    under OUT/reports. SIGTERM or Ctrl-C finishes the associations in flight first.
+    under OUT/reports; with --checklist, both carry the study's exam checklist (views
+    present, missing, not assessed; the best frame of each). SIGTERM or Ctrl-C finishes
+    the associations in flight first.
     """
-    from fetalplanes.workflows.dicom_listen import Listener, Peer, model_info
+    from fetalplanes.workflows.dicom_listen import Listener, Peer
 
     peer = Peer.parse(forward) if forward else None
     if len(ae_title.strip()) == 0 or len(ae_title) > 16:
         fail(f"--ae-title {ae_title!r}: 1 to 16 characters")
+    chosen = _checklist(checklist)
     setup_logging(quiet, verbose)
-    predictor = load_model(model_ref(model, weights, preset, backend,
-                                      min_confidence=min_confidence))
-    info = model_info(predictor, _model_name(model), backend.value)
+    predictor, info = _predictor(model, weights, preset, backend, min_confidence, chosen)
     listener = Listener(predictor, out, info, ae_title=ae_title, host=host, port=port,
                         allow=allow or (), forward=peer, batch=batch, settle=settle,
-                        workers=workers)
+                        checklist=chosen, workers=workers)
     if host not in LOOPBACK:
         typer.secho(f"warning: listening on {host}: any host that reaches it can send "
                     "images (use --allow to name the senders)", fg=typer.colors.YELLOW,
@@ -120,6 +129,27 @@ def _on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _checklist(spec: str | None) -> Any:
+    """The checklist named by --checklist (None without it); one line when it is not one."""
+    if not spec:
+        return None
+    from fetalplanes.workflows.checklist import load_checklist
+
+    return load_checklist(spec)
+
+
+def _predictor(model: str, weights: Path | None, preset: str, backend: BackendChoice,
+               min_confidence: float, checklist: Any) -> tuple[Any, dict[str, str]]:
+    """The model, fitted to the checklist when there is one, and what results say of it."""
+    from fetalplanes.workflows.dicom_listen import fit_checklist, model_info
+
+    predictor = load_model(model_ref(model, weights, preset, backend,
+                                     min_confidence=min_confidence))
+    if checklist is not None:
+        predictor = fit_checklist(predictor, checklist)
+    return predictor, model_info(predictor, _model_name(model), backend.value)
 
 
 def _model_name(spec: str) -> str:
@@ -218,28 +248,33 @@ def pacs_classify(
     weights: WeightsOpt = None,
     preset: PresetOpt = "seed4",
     min_confidence: MinConfidenceOpt = 0.5,
+    checklist: ChecklistOpt = None,
     user: UserOpt = None,
     password: PasswordOpt = None,
     token: TokenOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Pull a study, classify every frame, push its SR and KOS back into the study."""
-    from fetalplanes.workflows.dicom_listen import model_info
+    """Pull a study, classify every frame, push its SR and KOS back into the study (with
+    --checklist, carrying the study's exam checklist)."""
     from fetalplanes.workflows.dicomweb import classify_study
 
+    chosen = _checklist(checklist)
     setup_logging(True)
     client = _client(url, user, password, token)
-    predictor = load_model(model_ref(model, weights, preset, backend,
-                                      min_confidence=min_confidence))
-    info = model_info(predictor, _model_name(model), backend.value)
+    predictor, info = _predictor(model, weights, preset, backend, min_confidence, chosen)
     work = out or Path("pacs-classify") / study
     res = classify_study(client, url, study, predictor, info, work, modality=modality or None,
-                         progress=_progress(quiet), push_results=not no_push)
+                         progress=_progress(quiet), push_results=not no_push,
+                         checklist=chosen)
     stats = res["stats"]
     typer.echo(f"classified {stats.frames} frame(s) of {stats.classified} instance(s) "
                f"(study {study}); results in {work}")
     if not res["reports"]:
         fail("no frame could be classified: no SR or KOS written", 1)
+    if res["checklist"] is not None:
+        r = res["checklist"]
+        typer.echo(f"checklist {r.checklist.name}: {len(r.present)}/{r.assessed} views "
+                   f"present; missing: {', '.join(r.missing) or 'none'}")
     if not no_push:
         pushed = res["pushed"]
         typer.echo(f"pushed {pushed.transferred} result document(s) (SR, KOS) to the study, "

@@ -44,7 +44,12 @@ from fetalplanes.workflows.checklist import (
     Checklist,
     ChecklistResult,
     Observation,
+    check_checklist_fits,
     evaluate_checklist,
+    model_views,
+)
+from fetalplanes.workflows.checklist import (  # moved there (shared); still importable here
+    predictor_for_preset as predictor_for_preset,
 )
 
 VIDEO_EXTENSIONS = frozenset(
@@ -380,26 +385,6 @@ class StudyScan:
         return len(self.observations)
 
 
-def predictor_for_preset(predictor: Any, preset: str) -> Any:
-    """The predictor, re-folded to `preset` when it is a zero-shot model (SonoNet-16's 14
-    classes fold into any preset); other models are returned as they are."""
-    from fetalplanes.inference.predictor import Predictor, zero_shot_fold
-
-    if getattr(predictor, "fold", None) is None or predictor.card.preset == preset:
-        return predictor
-    import copy
-
-    card = copy.copy(predictor.card)
-    card.preset = preset
-    return Predictor(predictor.backend, card, predictor.min_confidence,
-                     fold=zero_shot_fold(card))
-
-
-def model_views(predictor: Any) -> list[str]:
-    """The views a predictor can output (its classes without not_target)."""
-    return [c for c in predictor.output_classes if c != "not_target"]
-
-
 def _classify_study(predictor: Any, study: Study, options: AuditOptions,
                     progress: bool = False) -> StudyScan:
     """Classify a study through the one engine (`Predictor.stream`): still images (files or
@@ -528,17 +513,6 @@ def audit_study(predictor: Any, study: Study, checklist: Checklist,
     scan = _classify_study(predictor, study, options, progress)
     return StudyAudit(study, scan, evaluate_checklist(checklist, scan.observations,
                                                       scan.model_views))
-
-
-def check_checklist_fits(checklist: Checklist, views: Sequence[str], model: str) -> None:
-    """One line when the model can assess none of the checklist's items."""
-    if set(checklist.views) & set(views):
-        return
-    raise FetalPlanesError(
-        f"{model} outputs {', '.join(views)}; checklist {checklist.name} names none of "
-        f"these views (it is written for preset {checklist.preset}): choose a checklist for "
-        "this model (--checklist seed4-planes for the four planes) or a FILE.json"
-    )
 
 
 def best_pixels(audit: StudyAudit) -> dict[str, np.ndarray]:

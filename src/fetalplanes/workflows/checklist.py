@@ -312,3 +312,49 @@ def evaluate_checklist(
             if _better(obs, r.best):
                 r.best = obs
     return ChecklistResult(checklist, list(model_views), results, n)
+
+
+# ------------------------------------------------------------------ fitting a model
+def predictor_for_preset(predictor: Any, preset: str) -> Any:
+    """The predictor, re-folded to `preset` when it is a zero-shot model (SonoNet-16's 14
+    classes fold into any preset); other models are returned as they are. Shared by every
+    way a checklist is filled (audit, the HTTP API, the DICOM network sessions)."""
+    from fetalplanes.inference.predictor import Predictor, zero_shot_fold
+
+    if getattr(predictor, "fold", None) is None or predictor.card.preset == preset:
+        return predictor
+    import copy
+
+    card = copy.copy(predictor.card)
+    card.preset = preset
+    return Predictor(predictor.backend, card, predictor.min_confidence,
+                     fold=zero_shot_fold(card))
+
+
+def model_views(predictor: Any) -> list[str]:
+    """The views a predictor can output (its classes without not_target)."""
+    return [c for c in predictor.output_classes if c != "not_target"]
+
+
+def check_checklist_fits(checklist: Checklist, views: Sequence[str], model: str) -> None:
+    """One line when the model can assess none of the checklist's items."""
+    if set(checklist.views) & set(views):
+        return
+    raise ChecklistError(
+        f"{model} outputs {', '.join(views)}; checklist {checklist.name} names none of "
+        f"these views (it is written for preset {checklist.preset}): choose a checklist for "
+        "this model (--checklist seed4-planes for the four planes) or a FILE.json"
+    )
+
+
+def frame_observation(source: str, prediction: Any) -> Observation | None:
+    """A classified still or frame as an `Observation`, with no smoothing (the form a
+    still image takes in `fetalplanes audit`); None for a frame that failed (no label).
+    `prediction` is a `Prediction`; `source` names where it came from (a file, a SOP
+    Instance UID)."""
+    if getattr(prediction, "error", None):
+        return None
+    return Observation(source, prediction.label, float(prediction.confidence),
+                       frame=prediction.frame, not_target=bool(prediction.not_target),
+                       uncertain=bool(prediction.uncertain),
+                       frame_rejected=bool(prediction.not_target))

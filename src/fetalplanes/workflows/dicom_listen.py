@@ -11,7 +11,9 @@ transfer syntaxes the reader decodes, and for each instance:
    answers Success: nothing acknowledged is lost if the process is killed the next moment;
 3. classifies every frame (one adapter function, `classify_instances`), writes the
    per-instance results in the one result schema (`Prediction.to_dict`), and per study the
-   DICOM results: a Comprehensive SR and a Key Object Selection (`dicom_results`);
+   DICOM results: a Comprehensive SR and a Key Object Selection (`dicom_results`); with an
+   exam checklist, the study's checklist (filled by `workflows.checklist`, the engine of
+   `fetalplanes audit`) goes into both;
 4. with `forward`, sends the originals and the settled results on to another node (a PACS).
 
 The output folder is its own journal: ``instances/STUDY/SOP.dcm`` (received), ``results/
@@ -39,6 +41,12 @@ from fetalplanes._version import __version__
 from fetalplanes.data.items import parse_frame_name
 from fetalplanes.errors import ImageError
 from fetalplanes.inference.results import Prediction
+from fetalplanes.workflows.checklist import (
+    Checklist,
+    check_checklist_fits,
+    model_views,
+    predictor_for_preset,
+)
 from fetalplanes.workflows.dicom_forward import Forwarder, Peer
 from fetalplanes.workflows.dicom_results import (
     FrameResult,
@@ -46,6 +54,7 @@ from fetalplanes.workflows.dicom_results import (
     StudyIdentity,
     best_frame_results,
     build_kos,
+    checklist_result,
     encode_sr,
 )
 from fetalplanes.workflows.dicom_store import (
@@ -72,6 +81,7 @@ __all__ = [
     "OutputFolder",
     "Peer",
     "classify_instances",
+    "fit_checklist",
     "model_info",
 ]
 
@@ -133,6 +143,15 @@ def classify_instances(predictor: Any, paths: Sequence[str | Path],
                                         batch_size=CLASSIFY_BATCH))
 
 
+def fit_checklist(predictor: Any, checklist: Checklist) -> Any:
+    """The predictor a checklist is filled with: a zero-shot model folded to the
+    checklist's preset (`predictor_for_preset`, as `fetalplanes audit` does), any other
+    model as it is; ChecklistError (one line) when it can assess none of its views."""
+    folded = predictor_for_preset(predictor, checklist.preset)
+    check_checklist_fits(checklist, model_views(folded), folded.card.architecture)
+    return folded
+
+
 def model_info(predictor: Any, name: str, backend: str) -> dict[str, str]:
     """What the results say about the model: name, version and a one-line card summary."""
     card = predictor.card
@@ -181,6 +200,7 @@ class StudyState:
     sr_uid: str = ""
     kos_uid: str = ""
     forwarded: bool = True
+    checklist: Any = None  # the ChecklistResult in its latest reports
 
 
 @dataclass
@@ -216,6 +236,10 @@ class Listener:
     `results_interval` while it keeps growing; forwarding once it settled). `start()`
     serves in the background; `stop()` stops accepting, lets the associations in flight
     finish, classifies what is queued and writes the results.
+
+    With `checklist`, the predictor is `fit_checklist`'s (pass `model` info of that
+    predictor: `model_info(fit_checklist(p, c), ...)`) and each study's SR and KOS carry
+    its exam checklist.
     """
 
     def __init__(
@@ -233,8 +257,13 @@ class Listener:
         report_delay: float = REPORT_DELAY_S,
         results_interval: float = RESULTS_INTERVAL_S,
         settle: float = SETTLE_S,
+        checklist: Checklist | None = None,
     ):
+        self.checklist = checklist
+        if checklist is not None:
+            predictor = fit_checklist(predictor, checklist)
         self.predictor = predictor
+        self.views = model_views(predictor)
         self.folder = OutputFolder(out)
         self.model = model
         self.ae_title = ae_title
@@ -329,6 +358,13 @@ class Listener:
                 return True
             time.sleep(0.05)
         return False
+
+    def checklist_of(self, study_uid: str) -> Any:
+        """The exam checklist (`ChecklistResult`) in the study's latest reports written
+        by this run, or None."""
+        with self._study_lock:
+            st = self._studies.get(study_uid)
+            return None if st is None else st.checklist
 
     # ------------------------------------------------------------ network
     def _make_ae(self) -> Any:
@@ -470,7 +506,10 @@ class Listener:
     def _recover(self) -> None:
         """Queue what was stored but not classified; mark studies whose reports are stale;
         queue for forwarding what the peer has not accepted yet."""
-        state = self.folder.load_state().get("studies", {})
+        saved_state = self.folder.load_state()
+        state = saved_state.get("studies", {})
+        # reports made with another checklist (or none) are rewritten with this one
+        other_checklist = saved_state.get("checklist") != self._checklist_name()
         forwarded = self.folder.forwarded() if self._forwarder is not None else set()
         todo = stale = 0
         counts: dict[str, int] = {}
@@ -489,7 +528,7 @@ class Listener:
             saved = state.get(study_uid, {})
             st.version = int(saved.get("version", 0))
             st.sr_uid, st.kos_uid = saved.get("sr_uid", ""), saved.get("kos_uid", "")
-            if saved.get("instances") != n:
+            if saved.get("instances") != n or other_checklist:
                 st.dirty, st.dirty_since = True, time.time()
                 stale += 1
             elif self._forwarder is not None:
@@ -655,17 +694,22 @@ class Listener:
         started = time.monotonic()
         sr_path, kos_path = self.folder.report_paths(study_uid)
         st.version += 1
+        check = None if self.checklist is None else checklist_result(
+            self.checklist, results, self.views)
         sr_uid, sr_bytes = encode_sr(identity, results, self.model,
-                                     instance_number=st.version, cache=st.groups)
+                                     instance_number=st.version, cache=st.groups,
+                                     checklist=check)
         atomic_write(sr_path, sr_bytes, self.folder.incoming)
         best = best_frame_results(results)
         kos_uid = ""
         if best:
-            kos = build_kos(identity, best, self.model, instance_number=st.version)
+            kos = build_kos(identity, best, self.model, instance_number=st.version,
+                            checklist=check, results=results)
             self._save_dataset(kos, kos_path)
             kos_uid = str(kos.SOPInstanceUID)
         elif kos_path.exists():
             kos_path.unlink()
+        st.checklist = check
         changed = (sr_uid, kos_uid) != (st.sr_uid, st.kos_uid)
         st.sr_uid, st.kos_uid = sr_uid, kos_uid
         st.last_written = time.time()
@@ -677,8 +721,10 @@ class Listener:
             self.stats.latencies.append(st.last_written - t)
         self._save_state()
         n_instances = len({fr.instance.sop_instance_uid for fr in results})
-        log.info("study %s: SR and KOS written (%d instance(s), %d frame(s), %d best)",
-                 study_uid, n_instances, len(results), len(best))
+        log.info("study %s: SR and KOS written (%d instance(s), %d frame(s), %d best%s)",
+                 study_uid, n_instances, len(results), len(best),
+                 "" if check is None else f"; checklist {self.checklist.name}: "
+                 f"{len(check.present)}/{check.assessed} views present")
 
     def _save_dataset(self, ds: Any, path: Path) -> None:
         from pydicom.filebase import DicomBytesIO
@@ -725,9 +771,13 @@ class Listener:
         for uid, entry in studies.items():  # an unloaded study keeps its saved count
             if entry["instances"] is None:
                 entry["instances"] = old.get(uid, {}).get("instances")
-        state = {"format": 1, "model": self.model, "studies": studies}
+        state = {"format": 1, "model": self.model, "checklist": self._checklist_name(),
+                 "studies": studies}
         atomic_write(self.folder.state_file, json.dumps(state, indent=1).encode(),
                      self.folder.incoming)
+
+    def _checklist_name(self) -> str | None:
+        return None if self.checklist is None else self.checklist.name
 
     def _forward_settled(self, now: float, final: bool) -> None:
         assert self._forwarder is not None

@@ -13,6 +13,11 @@ for multi-frame images, frame number.
   version, card summary) in every group; the model is also the device observer.
 - **KOS** (Key Object Selection, TID 2010, title "Best In Set"): the best frame of each
   plane (`best_frames`), with a description naming the planes in reference order.
+- **Exam checklist** (optional, `checklist_result`: the same engine as `fetalplanes
+  audit`, each frame one observation): the SR gains a CONTAINER "Exam checklist" (per
+  required item its coded view, status present / missing / not assessed by this model,
+  best frame as an IMAGE reference and its confidence) and the KOS selects the best frame
+  of each present checklist view, its description naming the missing ones.
 
 Planes are coded with SNOMED CT where a concept exists (the anatomy the plane images, as
 used in DICOM PS3.16 and pydicom's concept dictionary), else with the private coding scheme
@@ -43,6 +48,18 @@ from pydicom.uid import generate_uid
 
 from fetalplanes._version import __version__
 from fetalplanes.inference.results import NOT_TARGET, Prediction
+from fetalplanes.workflows.checklist import (
+    MISSING,
+    NOT_ASSESSED,
+    NOT_ASSESSED_TEXT,
+    PRESENT,
+    Checklist,
+    ChecklistItem,
+    ChecklistResult,
+    ItemResult,
+    evaluate_checklist,
+    frame_observation,
+)
 
 __all__ = [
     "PRIVATE_SCHEME",
@@ -54,7 +71,10 @@ __all__ = [
     "best_frames",
     "build_kos",
     "build_sr",
+    "checklist_best",
+    "checklist_result",
     "encode_sr",
+    "item_code",
     "plane_code",
     "result_uids",
 ]
@@ -66,21 +86,57 @@ SR_SERIES_NUMBER = 9001
 KOS_SERIES_NUMBER = 9002
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; deterministic suffixes below
 
-#: Plane -> SNOMED CT concept of the anatomy it shows (codes as in DICOM PS3.16 CID 4).
+#: Plane or view -> SNOMED CT concept of the anatomy it shows, where that anatomy is its own
+#: (no other class of its preset has it as its subject); codes and meanings as in DICOM
+#: PS3.16 (CID 4 and related groups, pydicom's concept dictionary).
 SNOMED_PLANES: dict[str, tuple[str, str]] = {
     "Fetal abdomen": ("818981001", "Abdomen"),
     "Fetal brain": ("12738006", "Brain"),
     "Fetal femur": ("71341001", "Femur"),
     "Fetal thorax": ("816094009", "Thorax"),
     "Maternal cervix": ("71252005", "Cervix"),
+    # views13 (the 13 standard views of SonoNet-16)
+    "Lips (coronal)": ("48477009", "Lip"),
+    "Left ventricular outflow tract": ("13418002", "Left ventricle outflow tract"),
+    "Right ventricular outflow tract": ("44627009", "Right ventricle outflow tract"),
+    "Abdominal circumference plane": ("818981001", "Abdomen"),
+    "Kidneys": ("64033007", "Kidney"),
+    "Femur length plane": ("71341001", "Femur"),
 }
-#: Plane -> private code value where SNOMED CT has no concept.
+#: Plane or view -> private code value where SNOMED CT has no concept for it (a view
+#: whose anatomy other views of its preset share is a view, not an organ).
 PRIVATE_PLANES: dict[str, str] = {
     "Other": "OTHER",
     NOT_TARGET: "NOT_TARGET",
     "Trans-thalamic": "TRANS_THALAMIC",
     "Trans-cerebellum": "TRANS_CEREB",
     "Trans-ventricular": "TRANS_VENTR",
+    # views13
+    "Trans-ventricular plane": "TRANS_VENTR",
+    "Trans-cerebellar plane": "TRANS_CEREB",
+    "Facial profile (mid-sagittal)": "FACIAL_PROFILE",
+    "Spine (sagittal)": "SPINE_SAGITTAL",
+    "Spine (coronal)": "SPINE_CORONAL",
+    "Four-chamber view": "FOUR_CHAMBER",
+    "Three-vessel view": "THREE_VESSEL",
+}
+#: Checklist items that name no model view (none can show them), by (checklist, item id):
+#: SNOMED CT (code, meaning) of their anatomy, or a private code value (a 1-tuple).
+#: Items naming one view take that view's code; other items a private code from their id.
+CHECKLIST_ITEM_CODES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("isuog-mid-trimester", "head-transthalamic"): ("TRANS_THALAMIC",),
+    ("isuog-mid-trimester", "face-orbits"): ("363654007", "Orbit"),
+    ("isuog-mid-trimester", "neck"): ("45048000", "Neck"),
+    ("isuog-mid-trimester", "chest-lungs"): ("816094009", "Thorax"),
+    ("isuog-mid-trimester", "abdomen-bladder"): ("89837001", "Bladder"),
+    ("isuog-mid-trimester", "abdomen-cord-insertion"): ("CORD_INSERTION",),
+    ("isuog-mid-trimester", "cord-vessels"): ("29870000", "Umbilical cord"),
+    ("isuog-mid-trimester", "spine-transverse"): ("SPINE_TRANSVERSE",),
+    ("isuog-mid-trimester", "limbs-arms"): ("53120007", "Upper limb"),
+    ("isuog-mid-trimester", "limbs-legs"): ("61685007", "Lower limb"),
+    ("isuog-mid-trimester", "placenta"): ("78067005", "Placenta"),
+    ("isuog-mid-trimester", "amniotic-fluid"): ("77012006", "Amniotic fluid"),
+    ("isuog-mid-trimester", "cardiac-activity"): ("CARDIAC_ACTIVITY",),
 }
 
 # Concept names of the private scheme (docs/pacs.md lists them).
@@ -94,6 +150,25 @@ NO_UNITS = Code("1", "UCUM", "no units")
 OBSTETRIC_US = Code("268445003", "SCT", "Obstetric US scan")
 BEST_IN_SET = Code("113013", "DCM", "Best In Set")
 IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
+# The exam checklist section of the SR (private scheme; docs/pacs.md lists them).
+EXAM_CHECKLIST = Code("CHECKLIST", PRIVATE_SCHEME, "Exam checklist")
+CHECKLIST_NAME = Code("CHECKLIST_NAME", PRIVATE_SCHEME, "Checklist")
+MISSING_VIEWS = Code("MISSING_VIEWS", PRIVATE_SCHEME, "Missing views")
+UNASSESSED_ITEMS = Code("UNASSESSED_ITEMS", PRIVATE_SCHEME, "Not assessed by this model")
+CHECKLIST_ITEM = Code("CHECKLIST_ITEM", PRIVATE_SCHEME, "Checklist item")
+CHECKLIST_VIEW = Code("CHECKLIST_VIEW", PRIVATE_SCHEME, "Checklist view")
+ITEM_NAME = Code("ITEM_NAME", PRIVATE_SCHEME, "Checklist item name")
+VIEW_STATUS = Code("VIEW_STATUS", PRIVATE_SCHEME, "View status")
+BEST_FRAME = Code("BEST_FRAME", PRIVATE_SCHEME, "Best frame")
+VIEW_FRAMES = Code("VIEW_FRAMES", PRIVATE_SCHEME, "Frames showing the view")
+FRAMES_UNIT = Code("{frames}", "UCUM", "frames")
+#: checklist status -> its code (private: SNOMED CT's Present/Absent would read as a
+#: finding about the fetus, "kidney absent", where only the image is missing).
+STATUS_CODES: dict[str, Code] = {
+    PRESENT: Code("PRESENT", PRIVATE_SCHEME, "Present in the study"),
+    MISSING: Code("MISSING", PRIVATE_SCHEME, "Missing from the study"),
+    NOT_ASSESSED: Code("NOT_ASSESSED", PRIVATE_SCHEME, NOT_ASSESSED_TEXT.capitalize()),
+}
 
 #: Patient and study attributes copied from the images into the results (type 2: may be
 #: empty). They are kept in memory and in the DICOM files only, never logged.
@@ -192,12 +267,56 @@ def plane_code(plane: str) -> Code:
     if plane in SNOMED_PLANES:
         value, meaning = SNOMED_PLANES[plane]
         return Code(value, "SCT", meaning)
-    value = PRIVATE_PLANES.get(plane)
-    if value is None:
-        value = re.sub(r"[^A-Z0-9_]", "_", plane.upper())
-        if len(value) > 16:  # Code Value is SH: 16 characters at most
-            value = "P_" + hashlib.blake2b(plane.encode(), digest_size=7).hexdigest()
+    value = PRIVATE_PLANES.get(plane) or _private(plane)
     return Code(value, PRIVATE_SCHEME, plane[:64] or "unnamed")
+
+
+def _private(text: str) -> str:
+    """A private code value from a name: capitals, non-alphanumerics as `_`, or `P_` + a
+    hash when over 16 characters (Code Value is SH)."""
+    value = re.sub(r"[^A-Z0-9_]", "_", text.upper())
+    if len(value) > 16:
+        value = "P_" + hashlib.blake2b(text.encode(), digest_size=7).hexdigest()
+    return value
+
+
+def item_code(checklist: str, item: ChecklistItem) -> Code:
+    """The coded concept of a checklist item: its view's code when it names one view
+    (the same code the frames' planes get), the table's code for the shipped items that
+    name none, else a private code from its id (meaning: its name)."""
+    if len(item.views) == 1:
+        return plane_code(item.views[0])
+    known = CHECKLIST_ITEM_CODES.get((checklist, item.id))
+    if known is not None and len(known) == 2:
+        return Code(known[0], "SCT", known[1])
+    value = known[0] if known else _private(item.id)
+    return Code(value, PRIVATE_SCHEME, item.name[:64])
+
+
+def checklist_result(checklist: Checklist, results: Sequence[FrameResult],
+                     model_views: Sequence[str]) -> ChecklistResult:
+    """The checklist filled from a study's classified frames: each frame one observation
+    (`checklist.frame_observation`: as `fetalplanes audit` takes a still image; no
+    smoothing), its source the SOP Instance UID, in (instance, frame) order so the
+    result does not depend on the order instances arrived in."""
+    ordered = sorted(results, key=lambda r: (r.instance.sop_instance_uid,
+                                             r.prediction.frame or 0))
+    observations = (frame_observation(r.instance.sop_instance_uid, r.prediction)
+                    for r in ordered)
+    return evaluate_checklist(checklist, (o for o in observations if o is not None),
+                              model_views)
+
+
+def checklist_best(result: ChecklistResult, results: Sequence[FrameResult]
+                   ) -> dict[str, FrameResult]:
+    """item id -> the frame result of its best frame (present items whose best frame is
+    one of `results`), in checklist order."""
+    by_key = {(r.instance.sop_instance_uid, r.prediction.frame): r for r in results}
+    out: dict[str, FrameResult] = {}
+    for r in result.items:
+        if r.best is not None and (r.best.source, r.best.frame) in by_key:
+            out[r.item.id] = by_key[(r.best.source, r.best.frame)]
+    return out
 
 
 def result_uids(study_uid: str, model: Mapping[str, Any], kind: str,
@@ -322,11 +441,13 @@ def build_sr(
     model: Mapping[str, Any],
     instance_number: int = 1,
     cache: dict[Any, bytes] | None = None,
+    checklist: ChecklistResult | None = None,
 ) -> Dataset:
     """The Comprehensive SR listing every classified frame of ``results`` (failed
     predictions are left out: they have no plane). ``model``: name, version, summary.
-    ``cache`` (a dict kept between calls) saves rebuilding frames already reported."""
-    sr, groups = _sr_parts(study, results, model, instance_number, cache)
+    ``cache`` (a dict kept between calls) saves rebuilding frames already reported.
+    ``checklist`` (`checklist_result` of the same results) adds the "Exam checklist"."""
+    sr, groups = _sr_parts(study, results, model, instance_number, cache, checklist)
     _measurements(sr)[CONTENT_SEQUENCE] = DataElement(
         CONTENT_SEQUENCE, "SQ", DicomSequence([_decode(g) for g in groups]))
     return sr
@@ -338,6 +459,7 @@ def encode_sr(
     model: Mapping[str, Any],
     instance_number: int = 1,
     cache: dict[Any, bytes] | None = None,
+    checklist: ChecklistResult | None = None,
 ) -> tuple[str, bytes]:
     """(SOP Instance UID, DICOM file bytes) of `build_sr`'s document, written fast.
 
@@ -346,7 +468,7 @@ def encode_sr(
     the Imaging Measurements items, and the other groups' bytes (encoded once, cached) are
     put in after it: the same bytes a full write gives, in a fraction of the time.
     """
-    sr, groups = _sr_parts(study, results, model, instance_number, cache)
+    sr, groups = _sr_parts(study, results, model, instance_number, cache, checklist)
     root = sr[CONTENT_SEQUENCE]
     container = _measurements(sr)
     marker = _decode(groups[0])
@@ -360,7 +482,7 @@ def encode_sr(
     data, one = buf.getvalue(), _item(groups[0])
     if data.count(one) != 1:  # not where expected: write it the slow, plain way
         return str(sr.SOPInstanceUID), _file_bytes(build_sr(study, results, model,
-                                                             instance_number, cache))
+                                                             instance_number, cache, checklist))
     return str(sr.SOPInstanceUID), data.replace(one, b"".join(_item(g) for g in groups))
 
 
@@ -385,8 +507,8 @@ def _measurements(sr: Dataset) -> Dataset:
 
 
 def _sr_parts(study: StudyIdentity, results: Sequence[FrameResult], model: Mapping[str, Any],
-              instance_number: int, cache: dict[Any, bytes] | None
-              ) -> tuple[Dataset, list[bytes]]:
+              instance_number: int, cache: dict[Any, bytes] | None,
+              checklist: ChecklistResult | None = None) -> tuple[Dataset, list[bytes]]:
     """The document built by highdicom around the first frame's group, and every frame's
     group encoded (built by highdicom too, once per frame when ``cache`` is kept).
 
@@ -408,7 +530,8 @@ def _sr_parts(study: StudyIdentity, results: Sequence[FrameResult], model: Mappi
         imaging_measurements=[_group(done[0], algorithm)],
         title=IMAGING_MEASUREMENT_REPORT,
     )
-    series, sop = result_uids(study.study_uid, model, "SR", _content_keys(done))
+    keys = _content_keys(done) + _checklist_keys(checklist)
+    series, sop = result_uids(study.study_uid, model, "SR", keys)
     sr = ComprehensiveSR(
         evidence=_evidence(study, [r.instance for r in done]),
         content=report[0],
@@ -421,7 +544,69 @@ def _sr_parts(study: StudyIdentity, results: Sequence[FrameResult], model: Mappi
         coding_schemes=_coding_schemes(),
         software_versions=f"fetalplanes {__version__}",
     )
+    if checklist is not None:  # after Imaging Measurements, a section of its own
+        sr.ContentSequence.append(_checklist_container(checklist, done))
     return sr, groups
+
+
+def _checklist_keys(checklist: ChecklistResult | None) -> list[str]:
+    """What of a checklist changes the SR's content (its UID)."""
+    if checklist is None:
+        return []
+    return [f"checklist:{checklist.checklist.name}"] + [
+        f"{r.item.id}={r.status}" for r in checklist.items if r.item.required]
+
+
+def _checklist_container(checklist: ChecklistResult, results: Sequence[FrameResult]) -> Any:
+    """CONTAINER "Exam checklist": the checklist's name, the missing and not-assessed
+    views as text, and per required item a CONTAINER with its coded view, its name, its
+    status and, when present, its best frame (IMAGE, with the frame number of a
+    multi-frame image), that frame's confidence and how many frames showed it."""
+    from highdicom.sr import ContainerContentItem, ContentSequence, TextContentItem
+
+    c = checklist.checklist
+    container = ContainerContentItem(EXAM_CHECKLIST, relationship_type="CONTAINS")
+    items: list[Any] = [
+        TextContentItem(CHECKLIST_NAME, f"{c.name}: {c.title}"[:1024], "CONTAINS"),
+        TextContentItem(MISSING_VIEWS, "; ".join(checklist.missing) or "none", "CONTAINS"),
+        TextContentItem(UNASSESSED_ITEMS, "; ".join(checklist.not_assessed) or "none",
+                        "CONTAINS"),
+    ]
+    best = checklist_best(checklist, results)
+    items += [_checklist_item(c.name, r, best.get(r.item.id))
+              for r in checklist.items if r.item.required]
+    container.ContentSequence = ContentSequence(items, is_root=False)
+    return container
+
+
+def _checklist_item(checklist: str, r: ItemResult, best: FrameResult | None) -> Any:
+    from highdicom.sr import (
+        CodeContentItem,
+        ContainerContentItem,
+        ContentSequence,
+        ImageContentItem,
+        NumContentItem,
+        TextContentItem,
+    )
+
+    item = ContainerContentItem(CHECKLIST_ITEM, relationship_type="CONTAINS")
+    content: list[Any] = [
+        CodeContentItem(CHECKLIST_VIEW, item_code(checklist, r.item), "CONTAINS"),
+        TextContentItem(ITEM_NAME, r.item.name[:1024], "CONTAINS"),
+        CodeContentItem(VIEW_STATUS, STATUS_CODES[r.status], "CONTAINS"),
+    ]
+    if r.status == PRESENT and r.best is not None and best is not None:
+        inst = best.instance
+        content += [
+            ImageContentItem(BEST_FRAME, inst.sop_class_uid, inst.sop_instance_uid,
+                             referenced_frame_numbers=best.frame_numbers,
+                             relationship_type="CONTAINS"),
+            NumContentItem(CONFIDENCE, round(float(r.best.confidence), 6), NO_UNITS,
+                           relationship_type="CONTAINS"),
+            NumContentItem(VIEW_FRAMES, r.frames, FRAMES_UNIT, relationship_type="CONTAINS"),
+        ]
+    item.ContentSequence = ContentSequence(content, is_root=False)
+    return item
 
 
 IMAGING_MEASUREMENTS = "126010"  # DCM code of TID 1500's "Imaging Measurements" container
@@ -465,32 +650,40 @@ def build_kos(
     best: Mapping[str, FrameResult],
     model: Mapping[str, Any],
     instance_number: int = 1,
+    checklist: ChecklistResult | None = None,
+    results: Sequence[FrameResult] = (),
 ) -> Dataset:
     """Key Object Selection ("Best In Set") of the best frame of each plane, one image
-    reference per plane, with its frame number for multi-frame images."""
+    reference per plane, with its frame number for multi-frame images.
+
+    With ``checklist`` (`checklist_result` of the study's frame ``results``) it selects
+    the best frame of each present checklist view instead (`best` is then used only when
+    none is present) and its description names the missing views."""
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 
-    if not best:
+    chosen, names, of_checklist = _kos_selection(best, checklist, results)
+    if not chosen:
         raise ValueError("no best frame to select")
-    planes = sorted(best)
-    chosen = [best[plane] for plane in planes]
     refs = _evidence(study, [r.instance for r in chosen])
     by_uid = {ds.SOPInstanceUID: ds for ds in refs}
-    description = (
-        f"Best frame of each plane by {model.get('name', 'model')}: " + "; ".join(planes)
-    )
+    description = _kos_description(model, names, checklist if of_checklist else None)
+    if checklist is not None and not of_checklist:
+        description = f"No view of checklist {checklist.checklist.name} present. " + \
+            description + f". Missing: {'; '.join(checklist.missing) or 'none'}."
     content = KeyObjectSelection(
         document_title=BEST_IN_SET,
         referenced_objects=[by_uid[r.instance.sop_instance_uid] for r in chosen],
         observer_device_context=_device(model),
-        description=description[:1024],
+        description=_clip(description, 1024),
     )
     images = [i for i in content[0].ContentSequence if i.ValueType == "IMAGE"]
     for item, result in zip(images, chosen, strict=True):
         if result.frame_numbers:
             item.ReferencedSOPSequence[0].ReferencedFrameNumber = result.frame_numbers
-    keys = [f"{p}={r.instance.sop_instance_uid}#{r.prediction.frame}" for p, r in best.items()]
-    series, sop = result_uids(study.study_uid, model, "KO", sorted(keys))
+    keys = [f"{p}={r.instance.sop_instance_uid}#{r.prediction.frame}"
+            for p, r in zip(names, chosen, strict=True)]
+    series, sop = result_uids(study.study_uid, model, "KO",
+                              sorted(keys) + _checklist_keys(checklist))
     return KeyObjectSelectionDocument(
         evidence=refs,
         content=content,
@@ -501,3 +694,46 @@ def build_kos(
         manufacturer=MANUFACTURER,
         series_description=f"fetalplanes best frames ({model.get('name', 'model')})"[:64],
     )
+
+
+def _kos_selection(best: Mapping[str, FrameResult], checklist: ChecklistResult | None,
+                   results: Sequence[FrameResult]
+                   ) -> tuple[list[FrameResult], list[str], bool]:
+    """The frames a KOS references, what each shows and whether they are the checklist's:
+    the best frame of each present checklist view (checklist order; a frame that is the
+    best of several views is referenced once, naming them all), else of each plane."""
+    picked: dict[tuple[str, int | None], tuple[FrameResult, list[str]]] = {}
+    if checklist is not None:
+        by_item = checklist_best(checklist, list(results) or list(best.values()))
+        names = {r.item.id: r.item.name for r in checklist.items}
+        for item_id, fr in by_item.items():
+            key = (fr.instance.sop_instance_uid, fr.prediction.frame)
+            frame, shown = picked.get(key, (fr, []))
+            picked[key] = (frame, [*shown, names[item_id]])
+    of_checklist = bool(picked)
+    if not picked:
+        for plane in sorted(best):
+            fr = best[plane]
+            picked.setdefault((fr.instance.sop_instance_uid, fr.prediction.frame),
+                              (fr, []))[1].append(plane)
+    return ([fr for fr, _ in picked.values()], [" / ".join(n) for _, n in picked.values()],
+            of_checklist)
+
+
+def _kos_description(model: Mapping[str, Any], names: Sequence[str],
+                     checklist: ChecklistResult | None) -> str:
+    """The Key Object Description: what the references show, in reference order, and with
+    a checklist which required views are missing and how many it cannot assess."""
+    by = model.get("name", "model")
+    if checklist is None:
+        return f"Best frame of each plane by {by}: " + "; ".join(names)
+    c = checklist
+    text = (f"Best frame of each view of checklist {c.checklist.name} by {by}: "
+            + "; ".join(names) + f". Missing: {'; '.join(c.missing) or 'none'}.")
+    if c.not_assessed:
+        text += f" Not assessed by this model: {len(c.not_assessed)} item(s)."
+    return text
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

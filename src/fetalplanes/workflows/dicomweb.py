@@ -281,15 +281,17 @@ def _stow_failures(response: Any) -> list[str]:
 
 def classify_study(client: Any, url: str, study: str, predictor: Any, model: dict[str, str],
                    out: Path, modality: str | None = "US", progress: bool = True,
-                   push_results: bool = True) -> dict[str, Any]:
+                   push_results: bool = True, checklist: Any = None) -> dict[str, Any]:
     """Pull a study, classify every frame (the same path and output folder as `listen`),
     then push its SR and KOS back into the study. Resumable: pulled files, per-instance
-    results and reports already in OUT are reused."""
+    results and reports already in OUT are reused. `checklist` (a `Checklist`): the exam
+    checklist goes into the SR and KOS, as with `listen --checklist` (`model` describes
+    `dicom_listen.fit_checklist`'s predictor)."""
     from fetalplanes.workflows.dicom_listen import Listener
 
+    node = Listener(predictor, out, model, checklist=checklist)  # a misfit fails first
     pulled = pull(client, url, out / "pulled", study=study, modality=modality,
                   progress=progress)
-    node = Listener(predictor, out, model)
     node.start(network=False)
     try:
         for path in pulled.paths:
@@ -303,7 +305,8 @@ def classify_study(client: Any, url: str, study: str, predictor: Any, model: dic
     reports = [p for p in node.folder.report_paths(study) if p.is_file()]
     pushed = push(client, url, reports, progress=False) if push_results and reports \
         else TransferReport()
-    return {"pulled": pulled, "reports": reports, "pushed": pushed, "stats": node.stats}
+    return {"pulled": pulled, "reports": reports, "pushed": pushed, "stats": node.stats,
+            "checklist": node.checklist_of(study)}
 
 
 def dicom_files(paths: Iterable[Path]) -> list[Path]:
