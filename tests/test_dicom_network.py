@@ -285,3 +285,163 @@ def test_unsupported_transfer_syntax_rejected_at_negotiation(listener):
         assoc.release()
     assert rejected == {"1.2.840.10008.1.2.2": 0x04}
     assert accepted == ["1.2.840.10008.1.2.5"]
+
+
+# ------------------------------------------------------------------ the exam checklist
+from dicomfiles import SHARED, SONONET_REGION  # noqa: E402
+from test_dicom_results import checklist_rows, checklist_section  # noqa: E402
+
+from fetalplanes.workflows.audit import AuditOptions, run_audit  # noqa: E402
+from fetalplanes.workflows.checklist import load_checklist  # noqa: E402
+from fetalplanes.workflows.dicom_listen import fit_checklist  # noqa: E402
+
+EXAMPLES = SHARED / "sononet" / "example_images"
+ISUOG = load_checklist("isuog-mid-trimester")
+#: example frames -> ISUOG items, and the views taken out of the second study
+ITEM_OF = {
+    "3VV": "heart-3vv", "4CH": "heart-4ch", "ABDOMINAL": "abdomen-ac",
+    "BRAIN-CB": "head-transcerebellar", "BRAIN-TV": "head-transventricular", "FEMUR": "femur",
+    "KIDNEYS": "abdomen-kidneys", "LIPS": "face-lips", "LVOT": "heart-lvot",
+    "PROFILE": "face-profile", "RVOT": "heart-rvot", "SPINE-CORONAL": "spine-coronal",
+    "SPINE-SAGITTAL": "spine-sagittal",
+}
+REMOVED = ("BRAIN-CB", "FEMUR", "KIDNEYS", "ABDOMINAL")
+CINE = ("SPINE-SAGITTAL", "SPINE-CORONAL")  # one 2-frame cine loop, the rest stills
+
+
+def exam_study(folder: Path, stems: list[str]) -> list[Path]:
+    """A study of the real example frames (full size, their ultrasound region declared,
+    JPEG Baseline): a still per view, and the spine views as one 2-frame cine loop."""
+    from PIL import Image
+
+    uid, region = generate_uid(), (*SONONET_REGION, 0.03, 0.03)
+
+    def frame(stem: str) -> np.ndarray:
+        with Image.open(EXAMPLES / f"{stem}.png") as im:
+            return np.asarray(im.convert("RGB"))
+
+    files = [write_dicom(folder / f"{s}.dcm", [frame(s)], study_uid=uid, regions=[region])
+             for s in stems if s not in CINE]
+    loop = [frame(s) for s in CINE if s in stems]
+    if loop:
+        files.append(write_dicom(folder / "cine.dcm", loop, study_uid=uid, regions=[region],
+                                 fps=10))
+    return files
+
+
+@pytest.fixture(scope="module")
+def exams(predictor, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two studies through `listen --checklist isuog-mid-trimester` (storescu): all 13
+    views, and the same without `REMOVED`; and `fetalplanes audit` on the same files."""
+    need_tool("storescu")
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"real frames not found at {EXAMPLES}: set FETALPLANES_SHARED to shared/")
+    tmp = tmp_path_factory.mktemp("exams")
+    studies = {"all": exam_study(tmp / "all", list(ITEM_OF)),
+               "some": exam_study(tmp / "some", [s for s in ITEM_OF if s not in REMOVED])}
+    fitted = fit_checklist(predictor, ISUOG)
+    node = Listener(predictor, tmp / "out", model_info(fitted, "sononet16", "auto"), port=0,
+                    checklist=ISUOG)
+    with node:
+        for files in studies.values():
+            proc = storescu(node.port, files, "-xy")
+            assert proc.returncode == 0, proc.stderr
+        assert node.wait_idle(120)
+    # the same files through `fetalplanes audit` (each frame as it is: --window 1)
+    audit = run_audit([tmp / "all", tmp / "some"], tmp / "audit", fitted, ISUOG,
+                      options=AuditOptions(window=1, workers=0), salt_file=tmp / "salt")
+    by_uid = {}
+    for a in audit.audits:
+        uid = dcmread(a.study.files[0].path, stop_before_pixels=True).StudyInstanceUID
+        by_uid[uid] = a
+    out = {}
+    for name, files in studies.items():
+        uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        sr, kos = node.folder.report_paths(uid)
+        out[name] = {"files": files, "sr": sr, "kos": kos, "audit": by_uid[uid].result,
+                     "listen": node.checklist_of(uid)}
+    return out
+
+
+def kos_description(path: Path) -> str:
+    (text,) = [i.TextValue for i in dcmread(path).ContentSequence if i.ValueType == "TEXT"
+               and i.ConceptNameCodeSequence[0].CodeValue == "113012"]
+    return text
+
+
+def test_listen_checklist_agrees_with_audit_on_the_same_frames(exams):
+    """Per required item: the SR's status, best frame and confidence are what `fetalplanes
+    audit` finds in the same files (the same engine); dcmtk reads it, dicom3tools finds
+    no error."""
+    for name, study in exams.items():
+        audit = study["audit"]
+        rows = checklist_rows(dcmread(study["sr"]))
+        sop = {f.name: dcmread(f, stop_before_pixels=True).SOPInstanceUID
+               for f in study["files"]}
+        assert list(rows) == [r.item.name for r in audit.items if r.item.required]
+        for r in audit.items:
+            row = rows[r.item.name]
+            assert row["VIEW_STATUS"][0] == r.status.upper(), (name, r.item.id)
+            if r.best is None:
+                assert "BEST_FRAME" not in row
+                continue
+            frame = None if r.best.frame is None else r.best.frame + 1
+            assert row["BEST_FRAME"] == (sop[Path(r.best.source).name], frame), r.item.id
+            assert row["CONFIDENCE"] == pytest.approx(r.best.confidence, abs=1e-6)
+            assert row["VIEW_FRAMES"] == r.frames
+        texts = {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue
+                 for i in checklist_section(dcmread(study["sr"])) if i.ValueType == "TEXT"}
+        assert texts["MISSING_VIEWS"] == ("; ".join(audit.missing) or "none")
+        assert texts["UNASSESSED_ITEMS"] == "; ".join(audit.not_assessed)
+        assert audit.assessed == 13 and len(audit.not_assessed) == 13
+        assert study["listen"].present == audit.present
+        text = dsrdump(study["sr"])
+        assert text.count('"Checklist item")') == len(ISUOG.items)
+        assert "(USm image,,2)" in text.split('"Exam checklist"')[1]  # a cine's frame 2
+        assert dciodvfy(study["sr"]) == [] and dciodvfy(study["kos"]) == []
+    # measured: 11 of 13 present (in its declared ultrasound region the 3VV frame is
+    # uncertain, 0.50, and the coronal lips frame not a target plane)
+    assert len(exams["all"]["audit"].present) >= 11
+
+
+def test_views_removed_from_a_study_are_missing_in_its_sr_and_kos(exams):
+    full, some = exams["all"]["audit"], exams["some"]["audit"]
+    removed = {ISUOG.items[[i.id for i in ISUOG.items].index(ITEM_OF[s])].name
+               for s in REMOVED}
+    assert removed <= set(some.missing) and not removed & set(full.missing)
+    rows = checklist_rows(dcmread(exams["some"]["sr"]))
+    assert all(rows[n]["VIEW_STATUS"][0] == "MISSING" for n in removed)
+    text = kos_description(exams["some"]["kos"])
+    missing = text.split("Missing: ")[1]
+    assert all(n in missing for n in removed)
+    assert all(n not in text.split("Missing: ")[0] for n in removed)
+    assert all(n not in kos_description(exams["all"]["kos"]).split("Missing: ")[1]
+               for n in removed)
+    # the KOS selects the best frame of each present view: one reference per frame
+    refs = [i for i in dcmread(exams["some"]["kos"]).ContentSequence if i.ValueType == "IMAGE"]
+    best = {(r.best.source, r.best.frame) for r in some.items if r.best is not None}
+    assert len(refs) == len(best)
+
+
+def test_listen_checklist_errors_are_one_line(tmp_path: Path):
+    """An unknown checklist, or one the model can assess nothing of: one line, exit 2,
+    before anything listens."""
+    from typer.testing import CliRunner
+
+    from fetalplanes.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["listen", "--out", str(tmp_path / "out"), "--port", "0",
+                              "--checklist", "no-such-checklist"])
+    assert bad.exit_code == 2 and "unknown checklist" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"name": "other", "preset": "seed4", "items": [
+        {"id": "x", "name": "A view no model has", "views": ["Nothing like it"]}]}))
+    misfit = runner.invoke(app, ["pacs", "classify", "http://127.0.0.1:9/dicom-web",
+                                 "--study", "1.2.3", "--out", str(tmp_path / "work"),
+                                 "--checklist", str(other)])
+    assert misfit.exit_code == 2, misfit.output
+    assert "names none of these views" in misfit.output
+    assert len(misfit.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -306,8 +306,9 @@ def test_checklist_sr_and_kos_read_and_validated_by_dcmtk_and_dicom3tools(study,
     uid, data = encode_sr(identity, results, MODEL, checklist=check)
     fast, plain, kos_path = tmp_path / "fast.dcm", tmp_path / "sr.dcm", tmp_path / "kos.dcm"
     fast.write_bytes(data)
-    build_sr(identity, results, MODEL, checklist=check).save_as(plain,
-                                                                 enforce_file_format=True)
+    sr = build_sr(identity, results, MODEL, checklist=check)
+    assert sr.SOPInstanceUID == uid
+    sr.save_as(plain, enforce_file_format=True)
     build_kos(identity, best_frame_results(results), MODEL, checklist=check,
               results=results).save_as(kos_path, enforce_file_format=True)
     text = dsrdump(plain)

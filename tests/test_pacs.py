@@ -196,3 +196,43 @@ def test_http_failures_are_one_line_without_the_password(pacs, tmp_path: Path):
     down = cli("pacs", "pull", "http://127.0.0.1:9/dicom-web", "--study", generate_uid(),
                "--out", tmp_path)
     assert down.exit_code == 2 and "cannot connect" in down.output
+
+
+def test_pacs_classify_with_checklist_puts_it_into_the_studys_sr_and_kos(pacs, tmp_path):
+    """`pacs classify --checklist`: the SR found in the study over QIDO-RS holds the
+    "Exam checklist" container, the KOS names the missing views; both valid."""
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from test_dicom_results import checklist_rows
+
+    from fetalplanes.workflows.checklist import load_checklist
+
+    files = make_study(tmp_path / "send")
+    study_uid = dcmread(files[0]).StudyInstanceUID
+    assert cli("pacs", "push", pacs.dicomweb, *files, "-q", env=ENV).exit_code == 0
+    done = cli("pacs", "classify", pacs.dicomweb, "--study", study_uid, "--out",
+               tmp_path / "work", "--checklist", "isuog-mid-trimester", "-q", env=ENV)
+    assert done.exit_code == 0, done.output
+    assert "checklist isuog-mid-trimester: " in done.output
+    assert "pushed 2 result document(s)" in done.output
+    client = DICOMwebClient(pacs.dicomweb, session=create_session_from_user_pass(USER, PASSWORD))
+    docs = {}
+    for modality in ("SR", "KO"):
+        (found,) = client.search_for_instances(study_uid, search_filters={"Modality": modality})
+        docs[modality] = client.retrieve_instance(study_uid, found["0020000E"]["Value"][0],
+                                                  found["00080018"]["Value"][0])
+        docs[modality].save_as(tmp_path / f"{modality}.dcm", enforce_file_format=True)
+    rows = checklist_rows(docs["SR"])
+    isuog = load_checklist("isuog-mid-trimester")
+    assert list(rows) == [i.name for i in isuog.items if i.required]
+    assert {r["VIEW_STATUS"][0] for r in rows.values()} <= {"PRESENT", "MISSING",
+                                                            "NOT_ASSESSED"}
+    missing = [n for n, r in rows.items() if r["VIEW_STATUS"][0] == "MISSING"]
+    assert missing  # a 3-image study cannot show all 13 views
+    text = dsrdump(tmp_path / "SR.dcm")
+    assert 'CONTAINER:(,,"Exam checklist")' in text
+    (description,) = [i.TextValue for i in docs["KO"].ContentSequence
+                      if i.ValueType == "TEXT"
+                      and i.ConceptNameCodeSequence[0].CodeValue == "113012"]
+    assert f"Missing: {'; '.join(missing)}." in description
+    assert dciodvfy(tmp_path / "SR.dcm") == [] and dciodvfy(tmp_path / "KO.dcm") == []
