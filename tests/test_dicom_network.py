@@ -220,14 +220,14 @@ def test_peer_grammar():
 
 @pytest.mark.slow
 def test_listen_command_sigterm_finishes_and_logs_no_identity(study, tmp_path: Path):
-    """The CLI end to end: start, receive from storescu, SIGTERM, exit 0, results on disk,
-    nothing identifying in its output."""
+    """The CLI end to end: start, receive from storescu, SIGTERM, exit 0, results on disk
+    (with the exam checklist asked for), nothing identifying in its output."""
     need_tool("storescu")
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fetalplanes", "listen", "--out", str(out), "--port", "0",
-         "--verbose"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--verbose", "--checklist", "seed4-planes"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = proc.stdout.readline()
         assert "listening as FETALPLANES on 127.0.0.1:" in line, proc.stderr.read()
@@ -240,7 +240,9 @@ def test_listen_command_sigterm_finishes_and_logs_no_identity(study, tmp_path: P
             proc.kill()
     assert proc.returncode == 0, stderr
     assert len(results_of(out)) == 3
-    assert len(list((out / "reports").glob("*/sr.dcm"))) == 1
+    (sr,) = (out / "reports").glob("*/sr.dcm")
+    assert dsrdump(sr).count('"Checklist item")') == 4  # seed4-planes: four planes
+    assert "checklist seed4-planes: " in stderr
     assert all(secret not in line + stdout + stderr for secret in IDENTIFIERS)
     assert "stopped: received 3" in stderr
 
@@ -445,3 +447,26 @@ def test_listen_checklist_errors_are_one_line(tmp_path: Path):
     assert "names none of these views" in misfit.output
     assert len(misfit.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_restart_with_a_checklist_rewrites_the_reports(predictor, study, tmp_path: Path):
+    """Reports written without a checklist are rewritten from the stored results when the
+    node restarts with one (state.json records it), and again when it is dropped."""
+    need_tool("storescu")
+    out = tmp_path / "out"
+    with Listener(predictor, out, {"name": "sononet16"}, port=0) as node:
+        assert storescu(node.port, [study["rle"]], "-xr").returncode == 0
+        assert node.wait_idle(30)
+    (sr,) = (out / "reports").glob("*/sr.dcm")
+    assert "CHECKLIST" not in [i.ConceptNameCodeSequence[0].CodeValue
+                               for i in dcmread(sr).ContentSequence]
+    seed = load_checklist("seed4-planes")
+    with Listener(predictor, out, {"name": "sononet16"}, port=0, checklist=seed) as node:
+        assert node.wait_idle(30)
+    assert node.stats.classified == 0 and node.stats.reports == 1  # nothing classified again
+    assert len(checklist_rows(dcmread(sr))) == 4
+    assert json.loads((out / "state.json").read_text())["checklist"] == "seed4-planes"
+    with Listener(predictor, out, {"name": "sononet16"}, port=0) as node:
+        assert node.wait_idle(30)
+    assert node.stats.reports == 1 and "CHECKLIST" not in [
+        i.ConceptNameCodeSequence[0].CodeValue for i in dcmread(sr).ContentSequence]
