@@ -371,6 +371,7 @@ def kos_description(path: Path) -> str:
     return text
 
 
+@pytest.mark.slow  # 25 full-size real frames, listen and audit
 def test_listen_checklist_agrees_with_audit_on_the_same_frames(exams):
     """Per required item: the SR's status, best frame and confidence are what `fetalplanes
     audit` finds in the same files (the same engine); dcmtk reads it, dicom3tools finds
@@ -406,6 +407,7 @@ def test_listen_checklist_agrees_with_audit_on_the_same_frames(exams):
     assert len(exams["all"]["audit"].present) >= 11
 
 
+@pytest.mark.slow  # 25 full-size real frames, listen and audit
 def test_views_removed_from_a_study_are_missing_in_its_sr_and_kos(exams):
     full, some = exams["all"]["audit"], exams["some"]["audit"]
     removed = {ISUOG.items[[i.id for i in ISUOG.items].index(ITEM_OF[s])].name
