@@ -64,3 +64,29 @@ def test_predict_csv_and_sort_journal_share_the_schema(
     js = CliRunner().invoke(app, ["predict", str(trained_run), str(images[0]), "--format",
                                   "json", "-q"])
     assert set(json.loads(js.stdout)[0]) >= {"path", "label", "confidence", "rejection_score"}
+
+
+def test_every_view_of_a_result_derives_from_the_one_declaration() -> None:
+    """Result fields are declared once (`Prediction`); JSON, CSV, the server's FileResult
+    and the scan API's TimelineFrame carry exactly those fields (plus their own extras)."""
+    import dataclasses
+
+    from fetalplanes.inference.results import HEAD_COLUMNS, result_fields
+    from fetalplanes.serving.scan import TimelineFrame
+    from fetalplanes.serving.schemas import FileResult
+
+    declared = [f.name for f in dataclasses.fields(Prediction) if f.name != "outputs"]
+    fields = result_fields()
+    assert [f.name for f in fields] == declared
+    keys = {f.key for f in fields}
+    assert set(FileResult.model_fields) == keys | {"filename", "heatmap", "heatmap_error"}
+    assert set(TimelineFrame.model_fields) == (keys - {"path", "error"}) | {"smoothed"}
+    assert list(HEAD_COLUMNS) == [f.name for f in fields if f.csv and f.name != "error"]
+    for f in fields:  # every field documents itself, and the API shows that text
+        assert f.doc and FileResult.model_fields[f.key].description == f.doc
+    full = Prediction("a.dcm#frame=2", frame=2, time_s=0.1, label="Fetal brain",
+                      confidence=0.9, probs=dict.fromkeys(FOLDED, 0.2), rejection_score=0.5,
+                      model_label="Brain (Tv.)", model_confidence=0.8,
+                      pixel_spacing_mm=(0.1, 0.1), notes=["a note"])
+    assert set(full.to_dict()) == keys - {"error"}  # optional fields only when set
+    assert FileResult(filename="a.dcm", **full.to_dict()).path == "a.dcm#frame=2"
