@@ -7,7 +7,8 @@ reference for the same pixels (label, the network's own label, and every probabi
 
 - full frames, guessed crop: PNG files (in-process and decode-worker executors), a frame
   folder (scan), a lossless FFV1 video (predict, scan, sort), PNG and video uploads to
-  /api/v1/predict and /api/v1/scan, frames held in memory, and Ray;
+  /api/v1/predict and /api/v1/scan, PNG frames over the live WebSocket, frames held in
+  memory, and Ray;
 - frames with a declared ultrasound region: an uncompressed multi-frame DICOM (predict, the
   worker pool, sort, scan, both API endpoints, Ray) against the same frames in memory with
   the same region;
@@ -200,6 +201,25 @@ def test_full_frames_every_way(kind: str, predictor: Predictor, files: dict[str,
     body = _upload(client, "/api/v1/scan?window=1", [(video.name, video.read_bytes())])
     compare(group, "video upload, /api/v1/scan",
             ref, [Row.of_json(d) for d in body["timeline"]])
+
+
+@pytest.mark.parametrize("kind", ["sononet", "hc18"])
+def test_live_frames_over_the_websocket(kind: str, predictor: Predictor,
+                                        files: dict[str, Path], client: TestClient) -> None:
+    """The same PNG frames sent to /api/v1/live one after another (each after the previous
+    answer, so none is dropped): one answer per frame, equal to the reference."""
+    pngs = sorted(files[f"png-{kind}"].glob("*.png"))
+    ref = [Row.of(p) for p in predictor.predict([*pngs], workers=0)]
+    got = []
+    with client.websocket_connect("/api/v1/live?window=1") as ws:
+        assert ws.receive_json()["type"] == "start"
+        for path in pngs:
+            ws.send_bytes(path.read_bytes())
+            got.append(ws.receive_json())
+    assert [m["seq"] for m in got] == list(range(len(pngs)))
+    assert all(m["dropped"] == 0 for m in got)
+    compare(f"full {kind}", "PNG frames, /api/v1/live (WebSocket)",
+            ref, [Row.of_json(m) for m in got])
 
 
 # ------------------------------------------------------------------ declared regions

@@ -31,6 +31,7 @@ from fetalplanes.inference.results import NOT_TARGET, Prediction, columns
 from fetalplanes.workflows.scan import (
     ScanLimitError,
     ScanResult,
+    Timeline,
     measure_scan_fps,
     plane_filename,
     scan,
@@ -173,6 +174,31 @@ def test_streaming_results_do_not_depend_on_batch_size_or_workers() -> None:
         assert smoothed(other) == smoothed(reference)
         assert spans(other) == spans(reference)
         assert [r.probs for r in other.rows] == [r.probs for r in reference.rows]
+
+
+def test_the_timeline_sink_one_result_at_a_time_is_scan() -> None:
+    """`Timeline.push` (what live sessions use) gives scan's rows, segments and best frames;
+    rows become final window // 2 results late; `best` includes the open segment."""
+    table = [A] * 4 + [("B", 0.8, False), ("B", 0.95, False)] + [("B", 0.8, False)] * 4
+    reference = run(table)
+    predictor = CodedPredictor(table)
+    timeline = Timeline(CLASSES, predictor.min_confidence, window=5, fps=10.0,
+                        keep_rows=False)
+    emitted: list[list[int]] = []
+    best_seen: list[dict[str, int]] = []
+    for result in predictor.stream(ListSource(len(table)).items(), workers=0, batch_size=1):
+        emitted.append([r.frame for r in timeline.push(result.item, result.prediction)])
+        best_seen.append({p: b.frame for p, b in timeline.best.items()})
+    assert emitted == [[], [], *([i] for i in range(len(table) - 2))]  # two results late
+    last = timeline.flush()
+    assert [r.frame for r in last] == [len(table) - 2, len(table) - 1]
+    assert timeline.rows == [] and timeline.emitted == len(table)  # keep_rows=False
+    assert best_seen[7] == {"A": 0, "B": 5}  # B's segment is still open: its best so far
+    assert [(s.plane, s.start, s.end) for s in timeline.segments] == spans(reference)
+    assert {p: b.frame for p, b in timeline.best.items()} == \
+        {p: b.frame for p, b in reference.best.items()}
+    with pytest.raises(FetalPlanesError, match="flushed"):
+        timeline.push(Item("x", 99), Prediction("x", label="A", confidence=1.0))
 
 
 def test_every_k_scans_those_frames_at_their_time() -> None:

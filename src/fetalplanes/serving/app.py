@@ -30,6 +30,7 @@ from fetalplanes.inference.results import Prediction, columns, failed
 from fetalplanes.serving.audit import audit_router
 from fetalplanes.serving.batching import DecodeBudget, MicroBatcher
 from fetalplanes.serving.explainer import Explainer, explainer_for, one_line
+from fetalplanes.serving.live import live_router
 from fetalplanes.serving.scan import scan_router
 from fetalplanes.serving.schemas import (
     Calibration,
@@ -479,6 +480,7 @@ def create_app(
     app.include_router(api_router(service, info))
     app.include_router(scan_router(service))
     app.include_router(audit_router(service))
+    app.include_router(live_router(service))
     add_page(app)
     add_docs(app)
     app.add_middleware(SecurityHeaders)

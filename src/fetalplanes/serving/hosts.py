@@ -4,7 +4,9 @@ A web page on another site can make the browser send requests to a name that its
 attacker later points at 127.0.0.1; the browser then treats the answers as same-origin.
 Such requests carry the attacker's name in `Host`, so answering only the names this
 server is meant to be reached by (loopback ones by default, `--allow-host` adds more)
-closes that door. Pure ASGI (no body buffering); other scope types pass through.
+closes that door. WebSocket handshakes (`/api/v1/live`) are checked the same way and
+refused (close code 1008, which uvicorn answers with HTTP 403) before the app sees them.
+Pure ASGI (no body buffering); other scope types (lifespan) pass through.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
 _PORT = re.compile(r"^:[0-9]{1,5}$")
 
@@ -42,14 +45,15 @@ def _shown(header: str) -> str:
 
 
 class HostGuard:
-    """Answer 400 to HTTP requests whose Host header is not one of `names`."""
+    """Answer 400 to HTTP requests, and refuse WebSocket handshakes, whose Host header is
+    not one of `names`."""
 
     def __init__(self, app: ASGIApp, names: frozenset[str]):
         self.app = app
         self.names = frozenset(n.lower() for n in names)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         raw = next((v for k, v in scope["headers"] if k == b"host"), None)
@@ -61,4 +65,9 @@ class HostGuard:
             f"Host {_shown(header)} is not allowed: this server answers to "
             f"{', '.join(sorted(self.names))} (start it with --allow-host NAME to add a name)"
         )
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect; closing now refuses the handshake
+            reason = f"Host {_shown(header)[:40]} is not allowed"
+            await WebSocketClose(code=1008, reason=reason)(scope, receive, send)
+            return
         await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)

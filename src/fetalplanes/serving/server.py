@@ -67,6 +67,10 @@ def head_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
             if self._busy():
                 self._disarm()
 
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._disarm()  # the connection is the WebSocket protocol's from here on
+            super().handle_websocket_upgrade(event)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing() and not self._busy():
@@ -114,6 +118,9 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         http=head_timeout_protocol(settings.header_timeout_s),
         timeout_keep_alive=settings.keep_alive_s,
         h11_max_incomplete_event_size=settings.max_header_bytes,
+        # a live frame larger than this is refused by the protocol (close 1009), unbuffered
+        ws_max_size=settings.max_live_frame_bytes + 1024,
+        ws_max_queue=4,  # messages buffered ahead of the app; the app keeps only the newest
     )
 
 

@@ -25,6 +25,8 @@ _AT_LEAST_ONE = (
     "max_frames",
     "max_heatmap_requests",
     "max_heatmaps_per_request",
+    "max_live_frame_bytes",
+    "max_live_connections",
 )
 _POSITIVE_SECONDS = ("header_timeout_s", "keep_alive_s", "body_timeout_s", "upload_timeout_s")
 #: Names a browser on this machine uses for a loopback server (the Host header, port aside).
@@ -58,6 +60,11 @@ class ServeSettings:
     max_frames: int = 20_000  # frames of one DICOM cine or video classified by /predict
     max_heatmap_requests: int = 4  # requests computing heat maps at once (running or queued)
     max_heatmaps_per_request: int = 16  # heat maps made for one request
+    # live video (WebSocket /api/v1/live): one frame's encoded size, frames accepted per
+    # second per connection (more are dropped unread and counted), connections at once
+    max_live_frame_bytes: int = 8 * MB
+    max_live_fps: float = 60.0
+    max_live_connections: int = 4
     header_timeout_s: float = 10.0  # a connection must send a whole request head in this time
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     body_timeout_s: float = 30.0  # longest pause while an upload streams in
@@ -71,6 +78,8 @@ class ServeSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise FetalPlanesError(f"serve setting {name} must be a number of seconds > 0")
+        if not (math.isfinite(self.max_live_fps) and self.max_live_fps > 0):
+            raise FetalPlanesError("serve setting max_live_fps must be a number of frames > 0")
         if self.batch_window_ms < 0:
             raise FetalPlanesError("serve setting batch_window_ms must not be negative")
         if not 0 <= self.port <= 65535:

@@ -280,29 +280,35 @@ def _better(a: Observation, b: Observation | None) -> bool:
     return (not a.frame_rejected, a.confidence) > (not b.frame_rejected, b.confidence)
 
 
-def evaluate_checklist(
-    checklist: Checklist, observations: Iterable[Observation], model_views: Sequence[str]
-) -> ChecklistResult:
-    """Fill `checklist` from `observations` (in recording order) of a model whose output
-    views are `model_views`. An item whose views the model cannot output is not assessed; an
-    assessed item is present when an accepted observation has one of its views."""
-    known = set(model_views)
-    results = [
-        ItemResult(item, MISSING if known & set(item.views) else NOT_ASSESSED)
-        for item in checklist.items
-    ]
-    by_view: dict[str, list[ItemResult]] = {}
-    for r in results:
-        if r.status == MISSING:
-            for view in r.item.views:
-                by_view.setdefault(view, []).append(r)
-    n = 0
-    for obs in observations:
-        n += 1
-        for r in by_view.get(obs.label, ()):
+class ChecklistTally:
+    """`evaluate_checklist` one observation at a time (a live session fills its checklist
+    as frames are classified): `add` says whether an item's status changed, `result()` is
+    the checklist so far. Memory grows with the items, not the observations."""
+
+    def __init__(self, checklist: Checklist, model_views: Sequence[str]):
+        known = set(model_views)
+        self.checklist = checklist
+        self.model_views = list(model_views)
+        self.items = [
+            ItemResult(item, MISSING if known & set(item.views) else NOT_ASSESSED)
+            for item in checklist.items
+        ]
+        self._by_view: dict[str, list[ItemResult]] = {}
+        for r in self.items:
+            if r.status == MISSING:
+                for view in r.item.views:
+                    self._by_view.setdefault(view, []).append(r)
+        self.observations = 0
+
+    def add(self, obs: Observation) -> bool:
+        """Count one observation (in recording order); True when an item became present."""
+        self.observations += 1
+        changed = False
+        for r in self._by_view.get(obs.label, ()):
             if not obs.accepted:
                 r.uncertain_frames += obs.uncertain and not obs.not_target
                 continue
+            changed |= r.status != PRESENT
             r.status = PRESENT
             r.frames += 1
             r.first = r.first or obs
@@ -311,7 +317,23 @@ def evaluate_checklist(
                 r.sources.append(obs.source)
             if _better(obs, r.best):
                 r.best = obs
-    return ChecklistResult(checklist, list(model_views), results, n)
+        return changed
+
+    def result(self) -> ChecklistResult:
+        return ChecklistResult(self.checklist, list(self.model_views), self.items,
+                               self.observations)
+
+
+def evaluate_checklist(
+    checklist: Checklist, observations: Iterable[Observation], model_views: Sequence[str]
+) -> ChecklistResult:
+    """Fill `checklist` from `observations` (in recording order) of a model whose output
+    views are `model_views`. An item whose views the model cannot output is not assessed; an
+    assessed item is present when an accepted observation has one of its views."""
+    tally = ChecklistTally(checklist, model_views)
+    for obs in observations:
+        tally.add(obs)
+    return tally.result()
 
 
 # ------------------------------------------------------------------ fitting a model

@@ -399,6 +399,102 @@ def check_options(every: int, window: int, batch_size: int = DEFAULT_BATCH) -> N
         raise FetalPlanesError(f"--batch-size must be at least 1 (got {batch_size})")
 
 
+# ------------------------------------------------------------------ the incremental sink
+class Timeline:
+    """The scan sink, one result at a time: what `scan` does with the engine's results,
+    for any caller that gets them one by one (a recording, a live stream).
+
+    `push(item, prediction)` takes results in stream order and returns the timeline rows
+    that became final (a row is final once the centred window around it is complete, so a
+    frame's row comes ``window // 2`` results late); `flush()` ends the stream and returns
+    the rest. Unreadable frames are skipped (`skipped`). With `keep_rows=False` rows are
+    only returned, never held (a live session of any length in constant memory).
+    """
+
+    def __init__(self, classes: Sequence[str], min_confidence: float, *,
+                 window: int = DEFAULT_WINDOW, fps: float = 25.0, every: int = 1,
+                 spacing_mm: tuple[float, float] | None = None, keep_rows: bool = True):
+        check_options(every, window)
+        self.classes = list(classes)
+        self.window, self.fps, self.every = window, fps, every
+        self.spacing_mm = spacing_mm
+        self.keep_rows = keep_rows
+        self.rows: list[TimelineRow] = []
+        self.skipped: list[str] = []  # one-line message per frame that could not be read
+        self.emitted = 0  # rows made final so far
+        self._smoother = _Smoother(window, classes, min_confidence)
+        self._tracker = _SegmentTracker()
+        self._pushed = 0
+        self._done = False
+
+    def push(self, item: Item, pred: Prediction) -> list[TimelineRow]:
+        """Add the next result of the stream; the rows that became final."""
+        if self._done:
+            raise FetalPlanesError("this timeline was flushed; start a new one")
+        n, self._pushed = self._pushed, self._pushed + 1
+        if not pred.ok:
+            self.skipped.append(pred.error or f"{item.name}: unreadable")
+            return []
+        index = item.frame if item.frame is not None else n * self.every
+        time_s = item.time_s if item.time_s is not None else index / self.fps
+        pred.frame, pred.time_s = index, time_s
+        pred.pixel_spacing_mm = pred.pixel_spacing_mm or self.spacing_mm
+        return self._take(self._smoother.push(pred, time_s, item))
+
+    def flush(self) -> list[TimelineRow]:
+        """End of the stream: the remaining rows (the window truncated at the end)."""
+        if self._done:
+            return []
+        rows = self._take(self._smoother.flush())
+        self._tracker.close()
+        self._done = True
+        return rows
+
+    def _take(self, done: list[tuple[TimelineRow, Item]]) -> list[TimelineRow]:
+        for row, item in done:
+            if self.keep_rows:
+                self.rows.append(row)
+            self._tracker.push(row, item)
+        self.emitted += len(done)
+        return [row for row, _ in done]
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments closed so far (all of them after `flush`)."""
+        return self._tracker.segments
+
+    @property
+    def open_plane(self) -> str | None:
+        """The plane of the segment still growing (None when the last row was not accepted)."""
+        return None if self._tracker.open is None else self._tracker.open.plane
+
+    @property
+    def best(self) -> dict[str, BestFrame]:
+        """Each plane's best frame so far, the open segment's included (the items are kept,
+        the pixels are not decoded: see `BestFrame.materialise`)."""
+        best = dict(self._tracker.best)
+        seg = self._tracker.open
+        if seg is not None:
+            candidate = seg.best_ok or seg.best_any
+            held = best.get(seg.plane)
+            if candidate is not None and (held is None or candidate.confidence > held.confidence):
+                best[seg.plane] = candidate
+        return best
+
+    def result(self, name: str, kind: str, *, seconds: float,
+               crop_box: tuple[int, int, int, int] | None = None) -> ScanResult:
+        """The `ScanResult` of the stream (after `flush`), best frames decoded again."""
+        if not self._done:
+            self.flush()
+        return ScanResult(
+            name=name, kind=kind, fps=self.fps, every=self.every, window=self.window,
+            classes=self.classes, rows=self.rows, segments=self.segments,
+            best={plane: b.materialise() for plane, b in self._tracker.best.items()},
+            seconds=seconds, spacing_mm=self.spacing_mm, crop_box=crop_box,
+            skipped=self.skipped,
+        )
+
+
 # ------------------------------------------------------------------ public entry points
 def _limited(items: Iterator[Item], source: Source, max_frames: int | None) -> Iterator[Item]:
     for n, item in enumerate(items):
@@ -424,7 +520,7 @@ def scan(
     workers: int | None = None,
 ) -> ScanResult:
     """Classify every `every`-th frame of `source` through the engine (`Predictor.stream`),
-    smooth, and find segments and best frames.
+    smooth, and find segments and best frames (the `Timeline` sink).
 
     `max_frames` bounds the frames scanned (ScanLimitError beyond it, before decoding when
     the container says how many there are). `workers`: decode processes (None: chosen by
@@ -435,44 +531,21 @@ def scan(
     expected = source.expected(every)
     if max_frames is not None and expected is not None and expected > max_frames:
         raise ScanLimitError(_too_many(source, max_frames))
-    classes = predictor.output_classes
-    smoother = _Smoother(window, classes, predictor.min_confidence)
-    tracker = _SegmentTracker()
-    rows: list[TimelineRow] = []
-    skipped: list[str] = []
-
-    def take(done: list[tuple[TimelineRow, Item]]) -> None:
-        for row, item in done:
-            rows.append(row)
-            tracker.push(row, item)
-
+    timeline = Timeline(predictor.output_classes, predictor.min_confidence, window=window,
+                        fps=source.fps, every=every, spacing_mm=source.spacing_mm)
     start = time.perf_counter()
     items = _limited(source.items(every), source, max_frames)
     stream = predictor.stream(items, batch_size=batch_size, workers=workers, expected=expected,
                               progress=progress, desc="scanning")
     with closing(stream):
-        for n, result in enumerate(stream):
-            item, pred = result.item, result.prediction
-            if not pred.ok:
-                skipped.append(pred.error or f"{item.name}: unreadable")
-                continue
-            index = item.frame if item.frame is not None else n * every
-            time_s = item.time_s if item.time_s is not None else index / source.fps
-            pred.frame, pred.time_s = index, time_s
-            pred.pixel_spacing_mm = pred.pixel_spacing_mm or source.spacing_mm
-            take(smoother.push(pred, time_s, item))
-    take(smoother.flush())
-    tracker.close()
-    if not rows:
-        why = f" ({skipped[0]})" if skipped else ""
+        for result in stream:
+            timeline.push(result.item, result.prediction)
+    timeline.flush()
+    if not timeline.rows:
+        why = f" ({timeline.skipped[0]})" if timeline.skipped else ""
         raise ImageError(f"{source.name}: no frames to scan{why}")
-    best = {plane: b.materialise() for plane, b in tracker.best.items()}
-    return ScanResult(
-        name=source.name, kind=source.kind, fps=source.fps, every=every, window=window,
-        classes=classes, rows=rows, segments=tracker.segments, best=best,
-        seconds=time.perf_counter() - start, spacing_mm=source.spacing_mm,
-        crop_box=source.crop_box, skipped=skipped,
-    )
+    return timeline.result(source.name, source.kind, seconds=time.perf_counter() - start,
+                           crop_box=source.crop_box)
 
 
 def scan_path(predictor: Predictor, path: str | Path, *, fps: float | None = None,

@@ -1,0 +1,294 @@
+"""Live plane recognition: the WebSocket protocol of /api/v1/live, driven from Python.
+
+The bundled SonoNet-16 (ONNX Runtime) on real frames (the SonoNet screen captures of
+shared/): a session's per-frame results are those of `scan` on the same frames, its
+smoothed labels, segments and best frames too; frames arriving while the model is busy are
+dropped, newest kept (made deterministic with a model that waits to be released); limits
+per connection; the Host allow-list and Origin check on the handshake; a real uvicorn
+server keeps a session open past its request-head timeout.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from dicomfiles import real_frames
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.websockets import WebSocketDisconnect
+
+from fetalplanes.data.sources import FrameFolder
+from fetalplanes.inference.predictor import Predictor
+from fetalplanes.serving import ServeSettings, create_app
+from fetalplanes.serving.server import guarded
+from fetalplanes.workflows.scan import scan
+
+OWN = ("label", "confidence", "not_target", "uncertain", "probabilities", "model_label",
+       "model_confidence", "rejection_score", "error")
+
+
+def png(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.load("sononet16")  # ONNX Runtime, fp32
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    return real_frames("sononet", 13, scale=2)  # 487x367 RGB: quick, still real
+
+
+def client_for(predictor: Predictor, **kw: Any) -> TestClient:
+    return TestClient(create_app(predictor, ServeSettings(**kw)))
+
+
+def own(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d.get(k) for k in OWN}
+
+
+def answers(ws: Any, n: int) -> list[dict[str, Any]]:
+    return [ws.receive_json() for _ in range(n)]
+
+
+# ------------------------------------------------------------------ equal to scan
+@pytest.mark.slow
+def test_a_session_gives_scan_results_frame_by_frame(
+    predictor: Predictor, tmp_path: Path
+) -> None:
+    """The sweep of test_video (real captures, four planes, transitions) sent as PNG frames,
+    each after the previous answer (no drops): every frame's own result is scan's, and the
+    smoothed rows (window 5, reported two frames late, the last two at `stop`), segments,
+    best frames and the checklist are scan's too."""
+    from test_video import PLANE_OF, segments, sweep
+
+    sweep_frames, names = sweep()
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    data = [png(f) for f in sweep_frames]
+    for i, d in enumerate(data):
+        (folder / f"f{i:03d}.png").write_bytes(d)
+    reference = scan(predictor, FrameFolder(folder), window=5, workers=0)
+
+    with client_for(predictor).websocket_connect("/api/v1/live?window=5") as ws:
+        start = ws.receive_json()
+        assert start["type"] == "start" and start["lag_frames"] == 2
+        assert start["checklist"]["checklist"]["name"] == "seed4-planes"
+        got = []
+        for d in data:
+            ws.send_bytes(d)
+            got.append(ws.receive_json())
+        ws.send_text(json.dumps({"type": "stop"}))
+        end = ws.receive_json()
+
+    assert [m["seq"] for m in got] == list(range(len(data)))
+    assert [m["frame"] for m in got] == list(range(len(data)))
+    for msg, row in zip(got, reference.rows, strict=True):
+        assert own(msg) == own(row.prediction.to_dict()), msg["seq"]
+    assert all(m["dropped"] == 0 and m["over_rate"] == 0 for m in got)
+    assert got[-1]["processed"] == got[-1]["received"] == len(data)
+
+    smoothed = [m["smoothed"] for m in got if m["smoothed"] is not None] + end["final"]
+    assert [m["smoothed"] for m in got[:2]] == [None, None]  # window // 2 frames late
+    assert [s["seq"] for s in smoothed] == list(range(len(data)))
+    for s, row in zip(smoothed, reference.rows, strict=True):
+        want = row.to_dict()["smoothed"]
+        assert {k: s[k] for k in want} == want, s["seq"]
+
+    timeless = [{k: v for k, v in s.to_dict().items() if not k.endswith("_s")} |
+                {"best": {k: v for k, v in s.to_dict()["best"].items() if k != "time_s"}}
+                for s in reference.segments]  # live times are arrival times, not frame/fps
+    assert [{k: v for k, v in s.items() if not k.endswith("_s")} |
+            {"best": {k: v for k, v in s["best"].items() if k != "time_s"}}
+            for s in end["segments"]] == timeless
+    assert {b["plane"]: b["frame"] for b in end["best"]} == \
+        {p: b.frame for p, b in reference.best.items()}
+    assert reference.found == list(PLANE_OF.values())  # the sweep shows all four planes
+    assert end["checklist"]["present"] == [
+        "Fetal abdomen", "Fetal brain", "Fetal femur", "Fetal thorax"]
+    # best-frame updates came as they changed, and the last one per plane is the final best
+    last = {}
+    for m in got:
+        for b in m.get("best", []):
+            last[b["plane"]] = b["frame"]
+    assert last == {b["plane"]: b["frame"] for b in end["best"]}
+    for plane, (first, final) in segments(names).items():
+        assert first <= last[plane] <= final  # a frame of that plane's stretch
+    changes = [m for m in got if "checklist" in m]
+    assert [len(m["checklist"]["present"]) for m in changes] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ latest wins
+class GatedPredictor(Predictor):
+    """The real model, but each call waits until the test releases it: frames sent
+    meanwhile pile up in the slot, deterministically."""
+
+    def __init__(self, inner: Predictor):
+        super().__init__(inner.backend, inner.card, inner.min_confidence, inner.fold)
+        self.started = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+
+    def stream(self, items: Any, **kw: Any) -> Iterator[Any]:
+        self.started.release()
+        assert self.release.acquire(timeout=60), "the test never released the model"
+        yield from super().stream(items, **kw)
+
+
+def test_frames_arriving_while_the_model_is_busy_are_dropped_newest_kept(
+    predictor: Predictor, frames: list[np.ndarray]
+) -> None:
+    gated = GatedPredictor(predictor)
+    data = [jpeg(f) for f in frames[:6]]
+    with client_for(gated).websocket_connect("/api/v1/live?window=1") as ws:
+        assert ws.receive_json()["type"] == "start"
+        ws.send_bytes(data[0])
+        assert gated.started.acquire(timeout=60)  # frame 0 is in the model
+        for d in data[1:]:  # frames 1-5 arrive meanwhile: 1-4 are replaced, 5 waits
+            ws.send_bytes(d)
+        ws.send_text(json.dumps({"type": "stats"}))  # answered after the frames are read
+        stats = ws.receive_json()
+        assert stats == {"type": "stats", "received": 6, "processed": 0, "dropped": 4,
+                         "over_rate": 0}
+        gated.release.release()
+        first = ws.receive_json()
+        assert gated.started.acquire(timeout=60)
+        gated.release.release()
+        second = ws.receive_json()
+        ws.send_text(json.dumps({"type": "stop"}))
+        end = ws.receive_json()
+    assert (first["seq"], second["seq"]) == (0, 5)
+    assert (first["dropped"], second["dropped"]) == (4, 4)
+    assert second["processed"] == 2 and second["received"] == 6
+    assert end["type"] == "end" and end["dropped"] == 4 and end["processed"] == 2
+    reference = predictor.predict_bytes([("f5.jpg", data[5])])[0].to_dict()
+    assert own(second) == own(reference)  # the newest frame's own answer
+    assert second["smoothed"]["seq"] == 5  # window 1: its own smoothed label, at once
+
+
+# ------------------------------------------------------------------ limits
+def test_a_frame_over_the_size_limit_closes_the_session(
+    predictor: Predictor, frames: list[np.ndarray]
+) -> None:
+    data = png(frames[0])
+    client = client_for(predictor, max_live_frame_bytes=len(data) - 1)
+    with client.websocket_connect("/api/v1/live") as ws:
+        assert ws.receive_json()["limits"]["max_frame_bytes"] == len(data) - 1
+        ws.send_bytes(data)
+        error = ws.receive_json()
+        assert error["type"] == "error" and "over this server's limit" in error["detail"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 1009
+
+
+def test_frames_over_the_rate_are_dropped_unread_and_bad_frames_answered(
+    predictor: Predictor, frames: list[np.ndarray]
+) -> None:
+    client = client_for(predictor, max_live_fps=0.001)  # one frame now, the next in 1000 s
+    with client.websocket_connect("/api/v1/live") as ws:
+        ws.receive_json()
+        ws.send_bytes(jpeg(frames[0]))
+        for _ in range(5):
+            ws.send_bytes(jpeg(frames[1]))
+        answer = ws.receive_json()
+        ws.send_text(json.dumps({"type": "stats"}))
+        stats = ws.receive_json()
+    assert answer["seq"] == 0 and answer["label"]
+    assert stats["received"] == 6 and stats["over_rate"] == 5 and stats["processed"] == 1
+
+    with client_for(predictor).websocket_connect("/api/v1/live") as ws:
+        ws.receive_json()
+        ws.send_bytes(b"GIF89a not a frame")  # refused before the model; the session goes on
+        assert ws.receive_json() == {"type": "error", "seq": 0,
+                                     "detail": "frame 0 is not a JPEG, PNG or WebP image"}
+        ws.send_bytes(b"\xff\xd8\xff truncated JPEG")  # the engine's one-line error
+        broken = ws.receive_json()
+        assert broken["seq"] == 1 and broken["error"] and "label" not in broken
+        ws.send_text("hello")
+        assert ws.receive_json()["type"] == "error"
+        ws.send_bytes(jpeg(frames[2]))
+        assert ws.receive_json()["seq"] == 2
+
+
+def test_bad_parameters_and_too_many_sessions_are_refused_with_a_reason(
+    predictor: Predictor,
+) -> None:
+    client = client_for(predictor, max_live_connections=1)
+    for query, text in (("window=4", "window must be odd"), ("window=x", "window must be"),
+                        ("checklist=../../etc/passwd", "unknown checklist")):
+        with client.websocket_connect(f"/api/v1/live?{query}") as ws:
+            error = ws.receive_json()
+            assert error["type"] == "error" and text in error["detail"], query
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1008
+    with client.websocket_connect("/api/v1/live?checklist=none") as first:
+        assert first.receive_json()["checklist"] is None
+        with client.websocket_connect("/api/v1/live") as second:
+            assert "server busy" in second.receive_json()["detail"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                second.receive_json()
+            assert closed.value.code == 1013
+    with client.websocket_connect("/api/v1/live") as again:  # the slot was given back
+        assert again.receive_json()["type"] == "start"
+
+
+def test_host_allow_list_and_origin_apply_to_the_handshake(predictor: Predictor) -> None:
+    settings = ServeSettings(allowed_hosts=("testserver", "scanner.local"))
+    client = TestClient(guarded(create_app(predictor, settings), settings))
+    for headers in ({}, {"host": "scanner.local:8000"},
+                    {"origin": "http://scanner.local:8000"}, {"origin": "http://127.0.0.1"}):
+        with client.websocket_connect("/api/v1/live", headers=headers) as ws:
+            assert ws.receive_json()["type"] == "start", headers
+    for headers in ({"host": "attacker.example"}, {"host": "127.0.0.1.attacker.example"},
+                    {"origin": "http://attacker.example"}, {"origin": "null"},
+                    {"origin": "file://"}):
+        with (pytest.raises(WebSocketDisconnect) as refused,
+              client.websocket_connect("/api/v1/live", headers=headers) as ws):
+            ws.receive_json()
+        assert refused.value.code == 1008, headers
+    assert client.get("/healthz", headers={"host": "attacker.example"}).status_code == 400
+
+
+# ------------------------------------------------------------------ a real server
+@pytest.mark.slow
+def test_a_real_server_keeps_a_session_past_its_head_timeout_and_guards_hosts(
+    predictor: Predictor, frames: list[np.ndarray]
+) -> None:
+    """uvicorn as `fetalplanes serve` runs it: the request-head timer of the HTTP protocol
+    must not close an upgraded connection; a bad Host is refused at the handshake."""
+    from test_server_hardening import live_server
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with live_server(predictor, header_timeout_s=0.5) as port:
+        url = f"ws://127.0.0.1:{port}/api/v1/live?window=1"
+        with connect(url, max_size=None) as ws:
+            assert json.loads(ws.recv(timeout=30))["type"] == "start"
+            time.sleep(1.5)  # three head timeouts
+            for i in range(3):
+                ws.send(jpeg(frames[i]))
+                assert json.loads(ws.recv(timeout=60))["seq"] == i
+        with pytest.raises(InvalidStatus) as refused:  # Host from the URL, socket to us
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            connect(f"ws://attacker.example:{port}/api/v1/live", sock=sock).close()
+        assert refused.value.response.status_code == 403
