@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ from fetalplanes.data.sources import FrameFolder
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.serving import ServeSettings, create_app
 from fetalplanes.serving.server import guarded
-from fetalplanes.workflows.scan import scan
+from fetalplanes.workflows.scan import plane_filename, scan
 
 OWN = ("label", "confidence", "not_target", "uncertain", "probabilities", "model_label",
        "model_confidence", "rejection_score", "error")
@@ -292,3 +293,157 @@ def test_a_real_server_keeps_a_session_past_its_head_timeout_and_guards_hosts(
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
             connect(f"ws://attacker.example:{port}/api/v1/live", sock=sock).close()
         assert refused.value.response.status_code == 403
+
+
+# ------------------------------------------------------------------ scan --live
+def test_a_live_stream_keeps_the_newest_frame_and_counts_the_rest() -> None:
+    """The reader takes frames as they come; frames the consumer has not taken yet are
+    replaced (dropped, counted), newest kept; the stream's end ends the items."""
+    from fetalplanes.data.sources import LiveStream
+
+    produced = threading.Semaphore(0)
+    gate = threading.Event()
+    frames_in = [np.full((4, 4), i, np.uint8) for i in range(6)]
+
+    def read() -> np.ndarray | None:
+        if not frames_in:
+            return None
+        if len(frames_in) == 5:  # frame 0 was taken; hold frames 1-5 until the test says
+            gate.wait(30)
+        produced.release()
+        return frames_in.pop(0)
+
+    stream = LiveStream(read, "probe", fps=10)
+    items = stream.items()
+    first = next(items)
+    assert first.frame == 0 and first.name == "probe#frame=0"
+    gate.set()
+    for _ in range(5):
+        assert produced.acquire(timeout=30)
+    deadline = time.monotonic() + 30
+    while stream.received < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rest = list(items)  # frames 1-4 were replaced while nobody took them: 5 is next
+    assert [it.frame for it in rest] == [5] and int(rest[0].pixels[0, 0]) == 5
+    assert (stream.received, stream.dropped, stream.ended) == (6, 4, "the stream ended")
+    assert rest[0].time_s is not None and rest[0].time_s >= 0
+
+
+def test_live_sources_are_devices_or_network_streams_never_files(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fetalplanes.cli import app
+    from fetalplanes.data.video import stream_target
+    from fetalplanes.errors import ImageError
+
+    assert stream_target("0") == ("device", 0)
+    assert stream_target("udp://127.0.0.1:5000") == ("url", "udp://127.0.0.1:5000")
+    assert stream_target("RTSP://scanner/live")[0] == "url"
+    for spec in ("file:///etc/passwd", "/etc/passwd", "concat:a.ts|b.ts", "pipe:0",
+                 "subfile:,start,0,end,10,:/etc/passwd", "clip.mp4", "/dev/sda",
+                 "/dev/video99999", "data:video/mp4;base64,AAAA", "ftp://host/x.ts"):
+        with pytest.raises(ImageError, match=r"not a capture device|no such capture"):
+            stream_target(spec)
+    r = CliRunner().invoke(app, ["scan", "sononet16", "--live", "file:///etc/passwd",
+                                 "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "not a capture device" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    r = CliRunner().invoke(app, ["scan", "sononet16", "clip.mp4", "--duration", "3"])
+    assert r.exit_code == 2 and "--duration goes with --live" in r.output
+
+
+LONG_PLAN = (("ABDOMINAL", 20), ("KIDNEYS", 6), ("BRAIN-CB", 20), ("SPINE-SAGITTAL", 6),
+             ("FEMUR", 20), ("PROFILE", 6), ("4CH", 20))
+"""A slower sweep than test_video's: each plane held 2 s at 10 fps, so a live reader that
+drops frames still sees every plane for many frames."""
+
+
+def long_sweep(folder: Path) -> Path:
+    """The sweep's frames as PNG files (real captures, shifted; transitions with noise)."""
+    from test_video import PLANE_OF, _capture, _transition
+
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    i = 0
+    for name, n in LONG_PLAN:
+        capture = _capture(name)
+        for k in range(n):
+            frame = (np.roll(capture, (k % 3 - 1, k % 9 - 4), (0, 1)) if name in PLANE_OF
+                     else _transition(capture, rng))
+            Image.fromarray(frame).save(folder / f"f{i:04d}.png", compress_level=1)
+            i += 1
+    return folder
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_scan_live_reads_a_udp_stream_and_writes_timeline_and_best_frames(
+    tmp_path: Path,
+) -> None:
+    """`scan --live udp://127.0.0.1:PORT` fed by ffmpeg streaming the sweep (MPEG-TS over
+    loopback UDP, at its own pace): the planes come in the sweep's order, each best frame
+    is one of its plane's captures, and the files are written when the stream ends."""
+    import csv
+    import shutil
+    import subprocess
+    import sys
+
+    from test_video import PLANE_OF, _capture
+
+    from fetalplanes.data.crop import to_gray
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg not found (apt-get install ffmpeg); live stream test skipped")
+    frames = long_sweep(tmp_path / "frames")
+    clip = tmp_path / "sweep.ts"
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-framerate", "10", "-i",
+                    str(frames / "f%04d.png"), "-c:v", "mpeg2video", "-q:v", "2", "-g", "1",
+                    "-pix_fmt", "yuv420p", str(clip)], check=True, timeout=120)
+    port = free_udp_port()
+    out = tmp_path / "live"
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as err_file:
+        scanner = subprocess.Popen(
+            [sys.executable, "-m", "fetalplanes", "scan", "sononet16", "--live",
+             f"udp://127.0.0.1:{port}", "--duration", "60", "--timeout", "5", "--out",
+             str(out)], stdout=subprocess.PIPE, stderr=err_file)
+        try:
+            deadline = time.monotonic() + 60
+            while b"live: opening" not in log.read_bytes():
+                assert scanner.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "scan --live did not start"
+                time.sleep(0.1)
+            time.sleep(1.0)  # FFmpeg binds the port right after the line
+            subprocess.run([ffmpeg, "-loglevel", "error", "-re", "-i", str(clip), "-c", "copy",
+                            "-f", "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316"],
+                           check=True, timeout=60)
+            stdout, _ = scanner.communicate(timeout=60)
+        finally:
+            if scanner.poll() is None:
+                scanner.kill()
+    text = stdout.decode()
+    print(text)
+    assert scanner.returncode == 0, log.read_text()
+    assert "(the stream ended)" in text and "missing: none" in text
+    assert re.search(r"(\d+) dropped", text)
+    with (out / "timeline.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["frame"]) for r in rows] == sorted({int(r["frame"]) for r in rows})
+    runs: list[str] = []
+    for r in rows:
+        accepted = r["smoothed_not_target"] == "0" and r["smoothed_uncertain"] == "0"
+        if accepted and (not runs or runs[-1] != r["smoothed_label"]):
+            runs.append(r["smoothed_label"])
+    order = [PLANE_OF[name] for name, _ in LONG_PLAN if name in PLANE_OF]
+    assert runs == order, runs
+    captures = {PLANE_OF[n]: to_gray(_capture(n)).astype(np.int16) for n in PLANE_OF}
+    for plane in order:
+        best = np.asarray(Image.open(out / "best" / plane_filename(plane)), np.int16)
+        diffs = {p: float(np.abs(best - c).mean()) for p, c in captures.items()}
+        assert min(diffs, key=diffs.__getitem__) == plane, (plane, diffs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -69,10 +70,11 @@ def _make_out(out: Path | None, source: Path) -> Path:
 
 def scan(
     args: Annotated[
-        list[str],
-        typer.Argument(help="MODEL INPUT; with --model, INPUT only. INPUT: a video (MP4, AVI, "
-                            f"MOV, MKV ...), a DICOM cine, or a folder of frames. {MODEL_HELP}"),
-    ],
+        list[str] | None,
+        typer.Argument(help="MODEL INPUT; with --model, INPUT only; with --live, MODEL only. "
+                            "INPUT: a video (MP4, AVI, MOV, MKV ...), a DICOM cine, or a folder "
+                            f"of frames. {MODEL_HELP}"),
+    ] = None,
     out: Annotated[Path | None, out_option("runs/scan/<input stem>, -1, -2 ... if taken")] = None,
     every: EveryOpt = 1,
     window: Annotated[
@@ -87,9 +89,38 @@ def scan(
     batch_size: BatchSizeOpt = DEFAULT_BATCH,
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
+    live: Annotated[
+        str | None,
+        typer.Option("--live", metavar="SOURCE",
+                     help="Scan live video instead of a file, until Ctrl-C: a capture card or "
+                          "camera (/dev/video0, or its index 0) or a stream URL (rtsp://, "
+                          "udp://, rtp://, srt://, tcp://, http(s):// MJPEG). Frames the model "
+                          "cannot keep up with are dropped, newest kept (docs/live.md)."),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", callback=_positive_seconds, metavar="SECONDS",
+                     help="With --live: stop after this many seconds (default: Ctrl-C, "
+                          "SIGTERM or the end of the stream)."),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", callback=_positive_seconds, metavar="SECONDS",
+                     help="With --live: how long to wait for the source to open, and for a "
+                          "frame before the stream counts as ended."),
+    ] = 10.0,
 ) -> None:
-    """Find the standard planes in a sweep: timeline.csv, timeline.png, best/<plane>.png."""
-    first, rest = split_model(args, model, 1, "fetalplanes scan MODEL INPUT")
+    """Find the standard planes in a sweep: timeline.csv, timeline.png, best/<plane>.png.
+
+    With --live SOURCE: name the plane live on the terminal and write timeline.csv and
+    best/<plane>.png when stopped."""
+    if live is not None:
+        _scan_live(args or [], model, live, out, window, weights, preset, backend,
+                   min_confidence, duration, timeout, quiet)
+        return
+    if duration is not None:
+        fail("--duration goes with --live SOURCE")
+    first, rest = split_model(args or [], model, 1, "fetalplanes scan MODEL INPUT")
     source_path = Path(rest[0])
     timeline.check_options(every, window, batch_size)
     if out is not None:
@@ -108,6 +139,30 @@ def scan(
     if result.found:
         typer.echo(f"best frames: {folder / 'best'}")
     typer.echo(f"timeline: {folder / 'timeline.csv'}, {folder / 'timeline.png'}")
+
+
+def _positive_seconds(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a number of seconds above 0 (got {value})")
+    return value
+
+
+def _scan_live(args: list[str], model: str | None, live: str, out: Path | None, window: int,
+               weights: Path | None, preset: str, backend: BackendChoice,
+               min_confidence: float, duration: float | None, timeout: float,
+               quiet: bool) -> None:
+    """`scan --live SOURCE`: see cli/live.py."""
+    from fetalplanes.cli.live import run_live
+    from fetalplanes.data.video import stream_target
+
+    first, _ = split_model(args, model, 0, "fetalplanes scan MODEL --live SOURCE")
+    timeline.check_options(1, window)
+    stream_target(live)  # a refused source is one line before the model loads
+    if out is not None:
+        _check_out(out, Path(live))
+    pred = load_model(model_spec(first, weights, preset, backend, min_confidence=min_confidence))
+    run_live(pred, live, lambda: _make_out(out, Path("live")), window=window,
+             duration_s=duration, timeout_s=timeout, quiet=quiet)
 
 
 def deid(

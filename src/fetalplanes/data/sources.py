@@ -20,8 +20,10 @@ at random cheaply. Nothing here imports torch, and pydicom only for DICOM.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +381,122 @@ class Frames(Source):
             if index % every == 0:
                 yield Item(frame_name(self.name, index), index, index / self.fps,
                            pixels=pixels, region=self.region)
+
+
+class LiveStream(Source):
+    """Frames of a live video (a capture card or camera, a network stream), newest first.
+
+    A reader thread takes every frame as it comes (`read()`: RGB or grey uint8, None at the
+    end of the stream) and keeps only the newest one not yet handed out: when the engine is
+    slower than the video, the frames in between are dropped (counted in `dropped`), so
+    every answer is about what the probe shows now, never about a backlog. `items()` ends
+    on `stop()`, after `duration_s`, or when the stream ends; frame numbers count every
+    frame received (dropped ones too) and times are seconds since the first frame.
+    """
+
+    kind = "live"
+
+    def __init__(self, read: Callable[[], np.ndarray | None], name: str = "live",
+                 fps: float | None = None, close: Callable[[], None] | None = None,
+                 duration_s: float | None = None):
+        super().__init__(name, _rate(fps, None), None)
+        self._read, self._close = read, close
+        self.duration_s = duration_s
+        self.received = 0
+        self.dropped = 0
+        self.ended: str | None = None  # why the stream ended, when it did by itself
+        self.t0: float | None = None  # time.monotonic() of the first frame
+        self._latest: tuple[int, float, np.ndarray] | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """End `items()` (from any thread, a signal handler included)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def age(self, item: Item) -> float:
+        """Seconds since `item`'s frame was received (capture-to-answer latency)."""
+        return time.monotonic() - (self.t0 or 0.0) - (item.time_s or 0.0)
+
+    def _reader(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self._read()
+                if frame is None:
+                    self.ended = "the stream ended"
+                    break
+                now = time.monotonic()
+                with self._cond:
+                    self.t0 = now if self.t0 is None else self.t0
+                    if self._latest is not None:
+                        self.dropped += 1
+                    self._latest = (self.received, now - self.t0, frame)
+                    self.received += 1
+                    self._cond.notify_all()
+        except Exception as exc:  # a decoder error ends the stream with its reason
+            self.ended = f"the stream failed ({type(exc).__name__}: {exc})"
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _next(self, thread: threading.Thread, deadline: float | None
+              ) -> tuple[int, float, np.ndarray] | None:
+        with self._cond:
+            while self._latest is None:
+                if self._stop.is_set() or not thread.is_alive():
+                    return None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                self._cond.wait(0.1)
+            latest, self._latest = self._latest, None
+            return latest
+
+    def items(self, every: int = 1) -> Iterator[Item]:
+        if every != 1:
+            raise ValueError("a live stream is read frame by frame (every=1)")
+        thread = threading.Thread(target=self._reader, name="live-reader", daemon=True)
+        thread.start()
+        deadline = None if self.duration_s is None else time.monotonic() + self.duration_s
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                latest = self._next(thread, deadline)
+                if latest is None:
+                    if not thread.is_alive():
+                        break
+                    continue
+                index, time_s, pixels = latest
+                yield Item(frame_name(self.name, index), index, time_s, pixels=pixels)
+        finally:
+            self.stop()
+            thread.join(timeout=30)
+            if self._close is not None and not thread.is_alive():
+                self._close()
+
+
+def open_live(spec: str, *, duration_s: float | None = None,
+              timeout_s: float = 10.0) -> LiveStream:
+    """The live source of a capture device (`/dev/video0` or its index `0`) or a network
+    stream URL (rtsp://, udp://, http(s):// MJPEG ...), opened now (ImageError, one line,
+    when it cannot be)."""
+    from fetalplanes.data.video import open_stream
+
+    cap, fps = open_stream(spec, timeout_s)
+
+    def read() -> np.ndarray | None:
+        ok, bgr = cap.read()
+        if not ok or bgr is None:
+            return None
+        return np.ascontiguousarray(bgr[..., ::-1]) if bgr.ndim == 3 else bgr
+
+    return LiveStream(read, "live", fps, close=cap.release, duration_s=duration_s)
 
 
 # ------------------------------------------------------------------ finding sources

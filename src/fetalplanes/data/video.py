@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,7 @@ from fetalplanes.errors import ImageError
 __all__ = [
     "memory_file",
     "natural_key",
+    "open_stream",
     "probe_video",
     "read_video",
     "read_video_frame",
@@ -158,3 +161,69 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: float = 25.
     finally:
         writer.release()
     return target
+
+
+# ------------------------------------------------------------------ live video
+#: Network stream schemes `open_stream` accepts (what scanners and capture boxes send).
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtp", "srtp", "udp", "tcp", "srt", "http", "https")
+#: What FFmpeg may open while reading a live stream: network protocols only, so a stream
+#: (an HLS playlist over http, an SDP file) can never make it read a local file (file:,
+#: concat:, subfile:, pipe: ... are not on the list; FFmpeg refuses them itself).
+FFMPEG_PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,srt,http,https,httpproxy,crypto"
+_DEVICE = re.compile(r"^/dev/video[0-9]{1,3}$")
+_OPEN_LOCK = threading.Lock()  # the FFmpeg options travel in the environment while opening
+
+
+def stream_target(spec: str) -> tuple[str, int | str]:
+    """('device', index or /dev/videoN) or ('url', URL) for a `--live` SOURCE; ImageError
+    (one line) for anything else, a file included (scan a file without --live)."""
+    text = spec.strip()
+    if text.isdigit() and len(text) <= 3:
+        return "device", int(text)
+    if _DEVICE.match(text):
+        if not os.path.exists(text):
+            raise ImageError(f"{text}: no such capture device")
+        return "device", text
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme.lower() in STREAM_SCHEMES:
+        return "url", text
+    raise ImageError(
+        f"{spec}: not a capture device (/dev/videoN or its index N) or a stream URL "
+        f"({', '.join(s + '://' for s in STREAM_SCHEMES)}); to scan a file, leave out --live"
+    )
+
+
+def open_stream(spec: str, timeout_s: float = 10.0) -> tuple[Any, float | None]:
+    """An opened cv2.VideoCapture of a capture device (V4L2) or a network stream (FFmpeg,
+    network protocols only) and its declared fps; ImageError naming it when it does not
+    open within `timeout_s` (a stream also ends when no frame comes for that long)."""
+    kind, target = stream_target(spec)
+    cv2 = opencv()
+    ms = int(timeout_s * 1000)
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+    if kind == "device":
+        api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+        cap = cv2.VideoCapture(target, api)
+    else:
+        with _OPEN_LOCK:
+            key = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+            saved = os.environ.get(key)
+            os.environ[key] = f"protocol_whitelist;{FFMPEG_PROTOCOLS}"
+            try:
+                cap = cv2.VideoCapture(str(target), cv2.CAP_FFMPEG, params)
+            finally:
+                if saved is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = saved
+    if not cap.isOpened():
+        cap.release()
+        raise ImageError(f"{spec}: cannot open this {'device' if kind == 'device' else 'stream'}"
+                         f" (nothing readable within {timeout_s:g} s)")
+    width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+    height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    if width * height > MAX_PIXELS:
+        cap.release()
+        raise ImageError(f"{spec}: frames of {width}x{height} pixels are too large")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return cap, (float(fps) if fps and 0 < fps <= 1000 else None)
