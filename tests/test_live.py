@@ -447,3 +447,39 @@ def test_scan_live_reads_a_udp_stream_and_writes_timeline_and_best_frames(
         best = np.asarray(Image.open(out / "best" / plane_filename(plane)), np.int16)
         diffs = {p: float(np.abs(best - c).mean()) for p, c in captures.items()}
         assert min(diffs, key=diffs.__getitem__) == plane, (plane, diffs)
+
+
+# ------------------------------------------------------------------ the bench
+@pytest.mark.slow
+def test_the_live_bench_measures_a_session_against_a_real_server(predictor: Predictor) -> None:
+    """`bench --only live` in small: one 2 s session at 15 frames/s against uvicorn; the
+    counts add up (every frame sent is answered or dropped) and the rows name them."""
+    import os
+
+    from test_server_hardening import live_server
+
+    from fetalplanes.tools.live_bench import FRAME_SIZE, frames, run_session, session_rows
+
+    data = frames(None, 4)
+    assert Image.open(io.BytesIO(data[0])).size == FRAME_SIZE
+    with live_server(predictor) as port:
+        s = run_session(f"ws://127.0.0.1:{port}/api/v1/live", data, 2.0, 15.0,
+                        server_pid=os.getpid())
+    assert s.sent >= 20 and s.answered + s.dropped + s.over_rate == s.sent
+    assert len(s.latencies_ms) == s.answered and min(s.latencies_ms) > 0
+    assert s.rss_mb and all(mb > 0 for _, mb in s.rss_mb)
+    rows = {r.key: r for r in session_rows("onnx", s)}
+    assert rows["live_onnx_15fps_fps"].value == pytest.approx(s.answered / 2.0)
+    assert rows["live_onnx_15fps_drop_rate"].value == pytest.approx(s.drop_rate)
+    assert "live_onnx_15fps_rss_growth_mb" in rows
+
+
+def test_bench_live_options_are_checked() -> None:
+    from typer.testing import CliRunner
+
+    from fetalplanes.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--seconds", "5"])
+    assert r.exit_code == 2 and "go with --only live" in r.output
+    r = CliRunner().invoke(app, ["bench", "--only", "live", "--backend", "torch"])
+    assert r.exit_code == 2 and "choose onnx or onnx-int8" in r.output

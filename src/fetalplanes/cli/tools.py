@@ -204,8 +204,24 @@ def bench_cmd(
             help="zero-shot: only the bundled SonoNet-16 rows (end to end per backend, one "
             "image, peak memory, and a plain batch-1 loop as the baseline). network: the "
             "DICOM node (storescu -> listen over loopback: frames/s, memory, SR latency; "
-            "needs dcmtk).",
+            "needs dcmtk). live: the WebSocket /api/v1/live of `serve` (800x600 JPEG frames "
+            "at 15 and 60 frames/s and closed loop: latency, answers/s, drops, memory).",
         ),
+    ] = None,
+    seconds: Annotated[
+        float | None,
+        typer.Option("--seconds", min=1, help="--only live: length of the 15 frames/s "
+                                              "session (default 60, quick 10)."),
+    ] = None,
+    frames: Annotated[
+        Path | None,
+        typer.Option("--frames", help="--only live: images to send (real scans, resized to "
+                                      "800x600; default: rendered phantoms)."),
+    ] = None,
+    live_backend: Annotated[
+        list[str] | None,
+        typer.Option("--backend", help="--only live: onnx and/or onnx-int8 (repeatable; "
+                                       "default both)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -224,8 +240,12 @@ def bench_cmd(
         rss_images=rss_images,
         workers=workers,
     )
-    if only not in (None, "zero-shot", "network"):
-        fail(f"--only {only}: choose zero-shot or network")
+    if only not in (None, "zero-shot", "network", "live"):
+        fail(f"--only {only}: choose zero-shot, network or live")
+    if only != "live" and (seconds or frames or live_backend):
+        fail("--seconds, --frames and --backend go with --only live")
+    if any(b not in ("onnx", "onnx-int8") for b in live_backend or ()):
+        fail("--backend: choose onnx or onnx-int8 (the bundled SonoNet-16's ONNX files)")
     started = time.perf_counter()
     if only == "zero-shot":
         report = run_zero_shot(opts, progress=not quiet)
@@ -233,6 +253,11 @@ def bench_cmd(
         from fetalplanes.tools.network_bench import run_network
 
         report = run_network(opts, progress=not quiet)
+    elif only == "live":
+        from fetalplanes.tools.live_bench import BACKENDS, run_live_bench
+
+        report = run_live_bench(opts, progress=not quiet, seconds=seconds, frames_dir=frames,
+                                backends=tuple(live_backend or BACKENDS))
     else:
         report = run_bench(opts, progress=not quiet)
         if device is BenchDevice.cpu:

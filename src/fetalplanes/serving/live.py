@@ -100,6 +100,12 @@ class FrameSlot:
         self._closed = True
         self._ready.set()
 
+    def take_nowait(self) -> Frame | None:
+        """The waiting frame, if any (claimed before an answer is sent: a frame arriving
+        meanwhile then waits instead of replacing it)."""
+        frame, self._frame = self._frame, None
+        return frame
+
     async def take(self) -> Frame | None:
         while self._frame is None:
             if self._closed:
@@ -318,7 +324,8 @@ class Connection:
                                                      "log"))
 
     async def _process(self) -> None:
-        while (frame := await self.slot.take()) is not None:
+        frame = await self.slot.take()
+        while frame is not None:
             assert self.start is not None
             item = Item(frame_name(LIVE_SOURCE, frame.seq), frame.seq,
                         frame.received - self.start, data=frame.data)
@@ -327,7 +334,10 @@ class Connection:
             update = self.session.push(item, pred)
             self.counters.processed += 1
             latency = (time.perf_counter() - frame.received) * 1000
-            await self.send(frame_message(update, frame.seq, latency, self.counts()))
+            message = frame_message(update, frame.seq, latency, self.counts())
+            waiting = self.slot.take_nowait()  # a client that waits for answers drops nothing
+            await self.send(message)
+            frame = waiting if waiting is not None else await self.slot.take()
 
 
 def live_router(service: _Service) -> APIRouter:
