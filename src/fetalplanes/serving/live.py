@@ -273,6 +273,7 @@ class Connection:
             if problem is not None:
                 await self.send({"type": "error", "seq": self.counters.received - 1,
                                  "detail": problem})
+            await asyncio.sleep(0)  # an idle worker takes this frame before the next is read
             return True
         return await self.command(message.get("text") or "", worker)
 
