@@ -9,6 +9,9 @@ Why it works this way:
   with the smoothed columns added. This module is a sink: it never decodes or classifies.
 - **Speed.** The engine decodes and prepares frames in worker processes (and runs ONNX models
   there) while results stream back in order.
+- **One sink, any pace.** `Timeline` takes the engine's results one at a time and hands
+  out the rows that became final; `scan` feeds it a recording, a live session
+  (`workflows.live`) feeds it frames as they arrive, so both get the same rows.
 - **Constant memory.** Results are smoothed as they stream, with a lag of ``window // 2``
   frames; only the items inside the window, the open segment's best item and one best item
   per plane are held (a video frame's pixels travel with its item), however long the
