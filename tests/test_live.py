@@ -253,6 +253,30 @@ def test_bad_parameters_and_too_many_sessions_are_refused_with_a_reason(
         assert again.receive_json()["type"] == "start"
 
 
+class BrokenPredictor(Predictor):
+    """The real model's card, but the network fails on every frame."""
+
+    def __init__(self, inner: Predictor):
+        super().__init__(inner.backend, inner.card, inner.min_confidence, inner.fold)
+
+    def stream(self, items: Any, **kw: Any) -> Iterator[Any]:
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_a_failing_model_ends_the_session_with_a_reason_and_a_log_line(
+    predictor: Predictor, frames: list[np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    with client_for(BrokenPredictor(predictor)).websocket_connect("/api/v1/live") as ws:
+        ws.receive_json()
+        ws.send_bytes(jpeg(frames[0]))
+        error = ws.receive_json()
+        assert error == {"type": "error", "detail": "internal server error; see the server log"}
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 1011
+    assert "live session failed: RuntimeError: the accelerator fell over" in caplog.text
+
+
 def test_host_allow_list_and_origin_apply_to_the_handshake(predictor: Predictor) -> None:
     settings = ServeSettings(allowed_hosts=("testserver", "scanner.local"))
     client = TestClient(guarded(create_app(predictor, settings), settings))

@@ -307,6 +307,8 @@ class Connection:
         if kind == "stop":
             self.slot.close()  # the waiting frame is still answered
             await worker
+            if self.ws.application_state != WebSocketState.CONNECTED:
+                return False  # the worker failed and closed the session
             update = self.session.finish()
             await self.send(end_message(self.session, update, self.counts()))
             await self.ws.close(NORMAL)
@@ -319,6 +321,8 @@ class Connection:
     async def process(self) -> None:
         try:
             await self._process()
+        except (WebSocketDisconnect, OSError):  # the client left while being answered
+            return
         except Exception as exc:  # the model failed: say so and end this session
             log.error("live session failed: %s", one_line(exc))
             await _refuse(self.ws, LiveError(FAILED, "internal server error; see the server "
