@@ -160,7 +160,7 @@ def _scan_live(args: list[str], model: str | None, live: str, out: Path | None, 
     stream_target(live)  # a refused source is one line before the model loads
     if out is not None:
         _check_out(out, Path(live))
-    pred = load_model(model_spec(first, weights, preset, backend, min_confidence=min_confidence))
+    pred = load_model(model_ref(first, weights, preset, backend, min_confidence=min_confidence))
     run_live(pred, live, lambda: _make_out(out, Path("live")), window=window,
              duration_s=duration, timeout_s=timeout, quiet=quiet)
 
