@@ -59,6 +59,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from fetalplanes.data.formats import jpeg_header
 from fetalplanes.data.items import frame_name, parse_frame_name
 from fetalplanes.errors import ImageError
 
@@ -108,11 +109,6 @@ _J2K = frozenset(
     {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
      "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
 )
-#: JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55.
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
-                  0xF7})
-#: JPEG markers without a length field (TEM, RST0-7).
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
 
 _PYLIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
@@ -685,34 +681,6 @@ def _frame_rate(ds: Dataset, notes: list[str]) -> float | None:
     return None
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """(precision, rows, columns, components) from a JPEG or JPEG-LS start-of-frame segment,
-    walking the marker segments before it; None when there is none before the scan."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:  # every step moves forward, so this ends
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-            return None
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in _SOF:
-            if length < 8 or i + 10 > n:
-                return None
-            rows = int.from_bytes(data[i + 5 : i + 7], "big")
-            return data[i + 4], rows, int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9]
-        i += 2 + max(length, 2)
-    return None
-
-
 def _j2k_header(data: bytes) -> tuple[int, int, int, int] | None:
     """(precision, rows, columns, components) from a JPEG 2000 codestream's SIZ segment
     (a bare codestream, or one inside JP2 boxes near the start)."""
@@ -782,7 +750,7 @@ def frame_problem(
     if syntax == _RLE:
         return _rle_problem(data, rows, columns, samples, bits)
     if syntax in _JPEG:
-        kind, head = ("JPEG-LS" if syntax in _JPEG_LS else "JPEG"), _jpeg_header(data)
+        kind, head = ("JPEG-LS" if syntax in _JPEG_LS else "JPEG"), jpeg_header(data, True)
     elif syntax in _J2K:
         kind, head = "JPEG 2000", _j2k_header(data)
     else:

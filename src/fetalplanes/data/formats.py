@@ -109,3 +109,43 @@ def pillow_open(data: bytes, fmt: str) -> Any:
         raise ValueError(f"format {fmt!r} is not on the allow-list")
     _load_plugins()
     return Image.open(io.BytesIO(data), formats=[fmt])
+
+
+#: JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC), which carry the size.
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: JPEG markers without a length field (TEM, RST0-7).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+#: JPEG-LS start of frame (SOF55), which DICOM's JPEG-LS fragments carry.
+JPEG_LS_SOF = 0xF7
+
+
+def jpeg_header(data: bytes, jpeg_ls: bool = False) -> tuple[int, int, int, int] | None:
+    """(precision, rows, columns, components) from a JPEG (or, with `jpeg_ls`, JPEG-LS)
+    start-of-frame segment, walking the marker segments before it; None when there is none
+    before the scan."""
+    sof = _SOF | {JPEG_LS_SOF} if jpeg_ls else _SOF
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:  # every step moves forward, so this ends
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in sof:
+            if length < 8 or i + 10 > n:
+                return None
+            rows = int.from_bytes(data[i + 5 : i + 7], "big")
+            return data[i + 4], rows, int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9]
+        i += 2 + max(length, 2)
+    return None

@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fetalplanes.data.formats import HEAD_BYTES, image_format, not_accepted, pillow_open
+from fetalplanes.data.formats import (
+    HEAD_BYTES,
+    image_format,
+    jpeg_header,
+    not_accepted,
+    pillow_open,
+)
 from fetalplanes.errors import FetalPlanesError, ImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -451,10 +457,6 @@ def list_images(
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: JPEG start-of-frame markers (all but DHT C4, JPG C8 and DAC CC), which carry the size.
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-#: JPEG markers without a length field (TEM, RST0-7).
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
 
 def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
@@ -470,31 +472,9 @@ def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame segment, walking the marker segments."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:  # every step moves forward, so this ends
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-            return None
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in _SOF:
-            if length < 7 or i + 9 > n:
-                return None
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(
-                data[i + 5 : i + 7], "big"
-            )
-        i += 2 + max(length, 2)
-    return None
+    """(width, height) from a JPEG's start-of-frame segment (`jpeg_header`)."""
+    head = jpeg_header(data)
+    return None if head is None else (head[2], head[1])
 
 
 _MAGIC = (
