@@ -48,4 +48,4 @@ fi
 ruff check src tests
 lint-imports
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

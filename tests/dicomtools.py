@@ -3,11 +3,12 @@ dicom3tools): found on PATH or the test is skipped with a one-line reason."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from fetalplanes.tools.native_tools import native_tool
 
 #: tool -> the Debian package that installs it (scripts/test.sh installs them as root)
 PACKAGES = {
@@ -20,8 +21,9 @@ PACKAGES = {
 
 
 def need_tool(name: str) -> str:
-    """Path of an external tool, or skip the test naming the package that has it."""
-    path = shutil.which(name)
+    """Path of the compiled tool (not pynetdicom's same-named script in the venv), or skip
+    the test naming the package that has it."""
+    path = native_tool(name)
     if path is None:
         pytest.skip(f"{name} not found: install Debian's {PACKAGES.get(name, name)}")
     return path

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomfiles import IDENTIFIERS, PATIENT_NAME, SONONET_REGION, real_frames, write_dicom
+from dicomtools import need_tool
 from pydicom.datadict import DicomDictionary, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -444,15 +444,14 @@ def test_no_marker_survives_outside_the_keep_list(every: dict) -> None:
 
 
 def test_dcmdump_reads_the_output(every: dict) -> None:
-    if shutil.which("dcmdump") is None:
-        pytest.skip("dcmtk (dcmdump) is not installed")
-    r = subprocess.run(["dcmdump", str(every["out"])], capture_output=True, text=True)
+    r = subprocess.run([need_tool("dcmdump"), str(every["out"])], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
     assert "E: " not in r.stdout + r.stderr and "PixelData" in r.stdout
 
 
 def dciodvfy_errors(path: Path) -> set[str]:
-    r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    r = subprocess.run([need_tool("dciodvfy"), str(path)], capture_output=True, text=True)
     lines = (r.stdout + r.stderr).splitlines()
     return {re.sub(r"\s+", " ", line) for line in lines if line.startswith("Error")}
 
@@ -461,8 +460,7 @@ def test_dciodvfy_finds_no_new_error_in_the_every_attribute_file(every: dict) ->
     """The input is full of values no IOD allows (a marker in every attribute), so dciodvfy
     reports many errors on it; what de-identification must not do is add one (a Type 1 or
     2 attribute removed, an empty Type 1, a bad dummy value)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dicom3tools (dciodvfy) is not installed")
+    need_tool("dciodvfy")
     before, after = dciodvfy_errors(every["src"]), dciodvfy_errors(every["out"])
     assert before  # the check runs and sees the bad input
     assert after - before == set()
@@ -489,8 +487,7 @@ def test_a_conformant_us_image_stays_conformant(tmp_path: Path, syntax: str) -> 
     """A realistic US Multi-frame image that dciodvfy accepts without error is still accepted
     without error after de-identification (the X/Z, X/D, X/Z/D resolution and the safety
     net's removals keep every Type 1 and 2 attribute of the US IODs)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dicom3tools (dciodvfy) is not installed")
+    need_tool("dciodvfy")
     src = conformant_us_image(tmp_path / "in" / "us.dcm", syntax)
     assert dciodvfy_errors(src) == set()
     (out,) = deidentify(tmp_path / "in", tmp_path / "out").written

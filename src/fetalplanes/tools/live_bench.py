@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fetalplanes.console import cli_command
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.tools.bench import BenchOptions, BenchReport, Row, _load, _rollup, machine_info
 
@@ -163,8 +164,8 @@ def run_session(url: str, data: list[bytes], seconds: float, fps: float | None,
 
 def _start_server(backend: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fetalplanes", "serve", "sononet16", "--port", "0",
-         "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cli_command("serve", "sononet16", "--port", "0", "--backend", backend),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
     if "serving" not in line:
         proc.kill()

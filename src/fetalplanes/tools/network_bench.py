@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -31,6 +30,7 @@ from fetalplanes.console import cli_command
 from fetalplanes.console import progress as progress_bar
 from fetalplanes.errors import FetalPlanesError
 from fetalplanes.tools.bench import BenchOptions, BenchReport, Row, _load, _rollup, machine_info
+from fetalplanes.tools.native_tools import native_tool
 
 PER_STUDY = 50
 UNIQUE = 100  # distinct rendered scans; the others differ only in their UIDs
@@ -105,7 +105,7 @@ def _count(out: Path) -> int:
 
 def measure(folder: Path, n: int, backend: str, progress: bool = True) -> list[Row]:
     """One backend: listen in a new process fed by storescu; see the module docstring."""
-    storescu = shutil.which("storescu")
+    storescu = native_tool("storescu")
     if storescu is None:
         raise FetalPlanesError("bench --only network needs dcmtk's storescu (apt install dcmtk)")
     out = folder / f"out-{backend}"
@@ -167,7 +167,7 @@ def measure(folder: Path, n: int, backend: str, progress: bool = True) -> list[R
 def paced_latency(folder: Path, backend: str, interval: float = PACED_INTERVAL_S) -> list[Row]:
     """Last byte -> SR when instances come at a scanner's pace (one study of 50, one
     association each, `interval` apart) to an idle node: what a sonographer waits."""
-    storescu = shutil.which("storescu") or "storescu"
+    storescu = native_tool("storescu") or "storescu"
     files = sorted((folder / "paced").glob("*.dcm"))
     out = folder / f"paced-{backend}"
     proc, port = _start_listen(out, backend)
