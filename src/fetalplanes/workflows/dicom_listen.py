@@ -65,10 +65,10 @@ from fetalplanes.workflows.dicom_store import (
     TRANSFER_SYNTAXES,
     VERIFICATION,
     OutputFolder,
-    atomic_write,
     prediction_from_dict,
     valid_uid,
 )
+from fetalplanes.workflows.durable_files import atomic_write
 
 __all__ = [
     "CANNOT_UNDERSTAND",

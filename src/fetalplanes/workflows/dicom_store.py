@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,38 +48,6 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 def valid_uid(uid: str) -> bool:
     """A DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
     return 0 < len(uid) <= 64 and _UID.match(uid) is not None
-
-
-# ----------------------------------------------------------------- durable files
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (no-op where dirs cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path, durable: bool = False) -> None:
-    """Write ``data`` to a temporary file in ``tmp_dir`` (same file system), then rename:
-    readers see the old file or the whole new one, never a part. ``durable``: fsync the
-    file before and the folder after the rename (survives a power cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}.part"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if durable:
-        fsync_dir(path.parent)
 
 
 def prediction_from_dict(d: dict[str, Any]) -> Prediction:

@@ -185,7 +185,8 @@ def pull(client: Any, url: str, out: Path, study: str | None = None, since: str 
     the PACS (any transfer syntax). Resumable: files already there are skipped."""
     from tqdm import tqdm
 
-    from fetalplanes.workflows.dicom_store import atomic_write, valid_uid
+    from fetalplanes.workflows.dicom_store import valid_uid
+    from fetalplanes.workflows.durable_files import atomic_write
 
     found = find_instances(client, url, study, since, modality)
     report = TransferReport(found=len(found))

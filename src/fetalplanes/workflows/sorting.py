@@ -72,6 +72,7 @@ from fetalplanes.data.sources import (
 from fetalplanes.errors import FetalPlanesError, ImageError, NoInputError
 from fetalplanes.inference.predictor import Predictor
 from fetalplanes.inference.results import PROB_PREFIX, Prediction, columns, failed
+from fetalplanes.workflows.durable_files import fsync_dir
 
 try:
     import fcntl
@@ -133,15 +134,6 @@ def _make_dir(folder: Path) -> None:
         raise FetalPlanesError(f"{folder}: exists and is not a folder") from None
     except OSError as exc:
         raise _output_error(folder, exc) from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -478,7 +470,7 @@ def _write_new_journal(path: Path, header: list[str], rows: list[dict[str, str]]
             os.replace(tmp, path)  # a repair: the old content is already read
         elif not _link_into_place(tmp, path):  # only if still absent
             raise FetalPlanesError(f"{path}: appeared while the sort started; run it again")
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise _output_error(path, exc) from None
     finally:
