@@ -203,6 +203,27 @@ def test_serve_command_takes_allow_host(
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "not a host name" in r.stderr
 
 
+def test_serve_sets_the_live_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WebSocket's per-connection limits are options of `serve`, range-checked."""
+    from test_faults import make_tiny_run
+    from typer.testing import CliRunner
+
+    from fetalplanes import serving
+    from fetalplanes.cli import app
+
+    run = make_tiny_run(tmp_path / "run")
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(serving, "run_server", lambda a, s, sock=None: seen.update(settings=s))
+    args = ["serve", str(run), "--port", "0", "--live-max-fps", "20", "--live-max-frame-mb",
+            "0.5", "--live-max-connections", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    s = seen["settings"]
+    assert (s.max_live_fps, s.max_live_frame_bytes, s.max_live_connections) == (20, 524288, 2)
+    r = CliRunner().invoke(app, ["serve", str(run), "--live-max-fps", "0"])
+    assert r.exit_code == 2 and "--live-max-fps" in r.output
+
+
 # ------------------------------------------------------------------ slow clients
 
 

@@ -46,6 +46,22 @@ def serve(
         int,
         typer.Option("--max-batch", min=1, help="Images gathered into one model call."),
     ] = 8,
+    live_max_fps: Annotated[
+        float,
+        typer.Option("--live-max-fps", min=0.1, max=1000,
+                     help="Frames per second one live connection may send; more are dropped "
+                     "unread and counted."),
+    ] = 60.0,
+    live_max_frame_mb: Annotated[
+        float,
+        typer.Option("--live-max-frame-mb", min=0.01, max=256,
+                     help="Largest live frame (MiB); a bigger one closes the connection."),
+    ] = 8.0,
+    live_max_connections: Annotated[
+        int,
+        typer.Option("--live-max-connections", min=1, max=64,
+                     help="Live connections at once; more are refused as busy."),
+    ] = 4,
     min_confidence: MinConfidenceOpt = 0.5,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
@@ -80,6 +96,9 @@ def serve(
         max_batch=max_batch,
         access_log=access_log,
         allowed_hosts=tuple(allow_host or ()),
+        max_live_fps=live_max_fps,
+        max_live_frame_bytes=int(live_max_frame_mb * 1024 * 1024),
+        max_live_connections=live_max_connections,
     )
     sock = bind(settings)  # a busy port is one line now, before the model is loaded
     try:
