@@ -16,9 +16,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-# no byte-compiling of every installed file (torch, ray: ~2 min on 2 cores): Python compiles
-# what is imported, on first import
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_NO_COMPILE=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 # Pinned torch/torchvision for reproducible tests (the package itself accepts a range).
 echo "test.sh: installing fetalplanes[dev] into .venv (pip)"
 python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
