@@ -31,6 +31,9 @@ def _cache_snapshot() -> dict[str, float]:
 
 _CACHE_BEFORE = _cache_snapshot()
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # for tests that use onnxruntime directly
+# Ray's workers at normal priority in the tests' own ray.init too (see ray_engine's
+# WORKER_NICENESS): at Ray's nice 15 a loaded machine starved them ~20x
+os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fetalplanes-tests-cache-")
 os.environ["MPLCONFIGDIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "matplotlib")
 os.environ["FETALPLANES_CACHE"] = os.path.join(os.environ["XDG_CACHE_HOME"], "fetalplanes")

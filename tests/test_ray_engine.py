@@ -41,6 +41,31 @@ def test_without_ray_the_engine_says_how_to_get_it(
     assert "pip install 'fetalplanes[ray]'" in result.output
 
 
+def test_a_local_instance_runs_its_workers_at_normal_priority(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray's default worker nice 15 starved the workers beside any busy process; a local
+    instance started by fetalplanes asks for 0, a user's own setting and a cluster's win."""
+    calls: list[str | None] = []
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+        @staticmethod
+        def init(**kw: Any) -> None:
+            calls.append(ray_engine.os.environ.get("RAY_worker_niceness"))
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert ray_engine._connect(FakeRay, None) is True
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    ray_engine._connect(FakeRay, None)
+    monkeypatch.delenv("RAY_worker_niceness")
+    ray_engine._connect(FakeRay, "10.0.0.1:6379")
+    assert calls == ["0", "5", None]
+
+
 def test_actor_plan() -> None:
     assert plan_actors({"CPU": 16, "GPU": 4}, True) == ray_engine.Plan(4, 1.0, 1.0)
     assert plan_actors({"CPU": 16, "GPU": 4}, False) == ray_engine.Plan(16, 1.0, 0.0)
