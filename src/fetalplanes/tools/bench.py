@@ -824,3 +824,16 @@ def write_json(report: BenchReport, path: Path) -> None:
 def sort_command(run: Path, inp: Path, out: Path, backend: str) -> list[str]:
     """The `fetalplanes sort` command line the memory row runs (tests run it too)."""
     return cli_command("sort", str(run), str(inp), str(out), "--backend", backend, "--quiet")
+
+
+def start_cli(args: list[str], ready: str, what: str) -> tuple[subprocess.Popen[str], str]:
+    """Start `fetalplanes ARGS` (a server the benches measure from outside) and return it
+    with its first stdout line, which must contain `ready`; else one line with its stderr."""
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if ready not in line:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise FetalPlanesError(f"bench: {what} did not start ({err.strip()[-200:]})")
+    return proc, line

@@ -30,9 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fetalplanes.console import cli_command
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.tools.bench import BenchOptions, BenchReport, Row, _load, _rollup, machine_info
+from fetalplanes.tools.bench import (
+    BenchOptions,
+    BenchReport,
+    Row,
+    _load,
+    _rollup,
+    machine_info,
+    start_cli,
+)
 
 FRAME_SIZE = (800, 600)  # width, height: a capture card's SD output, as in the issue
 PACE_FPS = 15.0
@@ -163,14 +170,8 @@ def run_session(url: str, data: list[bytes], seconds: float, fps: float | None,
 
 
 def _start_server(backend: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        cli_command("serve", "sononet16", "--port", "0", "--backend", backend),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if "serving" not in line:
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise FetalPlanesError(f"bench: serve did not start ({err.strip()[-200:]})")
+    proc, line = start_cli(["serve", "sononet16", "--port", "0", "--backend", backend],
+                           "serving", "serve")
     port = int(line.rstrip().rstrip("/").rsplit(":", 1)[1])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # uvicorn listens a moment after the line

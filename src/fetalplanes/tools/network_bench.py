@@ -26,10 +26,17 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fetalplanes.console import cli_command
 from fetalplanes.console import progress as progress_bar
 from fetalplanes.errors import FetalPlanesError
-from fetalplanes.tools.bench import BenchOptions, BenchReport, Row, _load, _rollup, machine_info
+from fetalplanes.tools.bench import (
+    BenchOptions,
+    BenchReport,
+    Row,
+    _load,
+    _rollup,
+    machine_info,
+    start_cli,
+)
 from fetalplanes.tools.native_tools import native_tool
 
 PER_STUDY = 50
@@ -87,15 +94,8 @@ def write_instances(folder: Path, n: int, progress: bool = True) -> list[Path]:
 
 
 def _start_listen(out: Path, backend: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        cli_command("listen", "sononet16", "--out", str(out), "--port", "0", "--backend",
-                    backend, "--quiet"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if "listening as" not in line:
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise FetalPlanesError(f"bench: listen did not start ({err.strip()[-200:]})")
+    proc, line = start_cli(["listen", "sononet16", "--out", str(out), "--port", "0",
+                            "--backend", backend, "--quiet"], "listening as", "listen")
     return proc, int(line.split(":")[-1].split(";")[0])
 
 
