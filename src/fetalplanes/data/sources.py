@@ -283,11 +283,14 @@ class DicomFile(Source):
     kind = "dicom"
 
     def __init__(self, source: bytes | str | Path, name: str | None = None,
-                 fps: float | None = None):
+                 fps: float | None = None, opened: Any = None):
+        """``opened``: the `data.dicom.DicomFile` of these same bytes when the caller has
+        already opened and checked them (the DICOM node, before storing them), so the
+        header is not parsed again; the frames are still read from ``source``."""
         label = name or str(source)
         self._path = None if isinstance(source, bytes) else str(source)
         self._data = source if isinstance(source, bytes) else None
-        dcm = open_dicom_bytes(source, label)
+        dcm = opened if opened is not None else open_dicom_bytes(source, label)
         super().__init__(label, _rate(dcm.fps, fps), dcm.n_frames)
         self.spacing_mm = dcm.spacing_mm()
         self.crop_box = clip_box(_declared_box(dcm), dcm.columns, dcm.rows)

@@ -40,6 +40,8 @@ from typing import Any
 
 from fetalplanes._version import __version__
 from fetalplanes.data.items import parse_frame_name
+from fetalplanes.data.sources import DicomFile as DicomSource
+from fetalplanes.data.sources import Source
 from fetalplanes.errors import ImageError
 from fetalplanes.inference.results import Prediction
 from fetalplanes.workflows.checklist import (
@@ -57,6 +59,7 @@ from fetalplanes.workflows.dicom_results import (
     build_kos,
     checklist_result,
     encode_sr,
+    warm_up,
 )
 from fetalplanes.workflows.dicom_store import (
     COMPREHENSIVE_SR,
@@ -127,7 +130,7 @@ def decodable_syntaxes() -> list[str]:
 
 
 # ----------------------------------------------------------------- classification adapter
-def classify_instances(predictor: Any, paths: Sequence[str | Path],
+def classify_instances(predictor: Any, paths: Sequence[str | Path | Source],
                        pool: Any = None) -> list[Prediction]:
     """Every frame of these DICOM files through the one engine (`Predictor.stream`): the
     network is one more source, like files and uploads. Each frame of a multi-frame file
@@ -136,10 +139,12 @@ def classify_instances(predictor: Any, paths: Sequence[str | Path],
     holds the memory of a few frames, and forks no worker processes from a threaded server
     (on 2 busy cores this was also the fastest: 15 frames/s against 13-14 with 2 workers).
     With `pool` (`Listener(workers=N)`, a `DecodePool` made once at start), the frames are
-    decoded and classified in N long-lived worker processes instead."""
+    decoded and classified in N long-lived worker processes instead. A `Source` in
+    `paths` is used as it is (the node's, made when the instance was checked)."""
     from fetalplanes.data.sources import file_source, iter_items
 
-    sources = [file_source(p) for p in paths]  # DICOM by content: every frame an item
+    # DICOM by content: every frame an item
+    sources = [p if isinstance(p, Source) else file_source(p) for p in paths]
     return list(predictor.predict_items(iter_items(sources), workers=0, pool=pool,
                                         batch_size=CLASSIFY_BATCH))
 
@@ -175,6 +180,8 @@ class Received:
     instance: SourceInstance
     path: Path
     received_at: float  # time.time() when its last byte had arrived
+    source: Any = None  # the engine's source for the stored file, made from the parse
+    # that checked it (None: made from the file when classified)
 
 
 @dataclass
@@ -314,6 +321,7 @@ class Listener:
         if self.workers and getattr(self.predictor, "decode_pool", None) is not None:
             self._pool = self.predictor.decode_pool(self.workers)  # before any thread starts
         self._recover()
+        warm_up(self.model)
         for target, name in ((self._classify_loop, "classifier"),
                              (self._report_loop, "reporter")):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -443,7 +451,7 @@ class Listener:
     def receive(self, data: bytes, received_at: float, sop_class: str, sop_uid: str) -> Any:
         """Check, durably store and queue one encoded instance (file format bytes).
         Returns SUCCESS or a status data set with a one-line Error Comment."""
-        from fetalplanes.data.dicom import open_dicom, read_header
+        from fetalplanes.data.dicom import open_dicom_and_header
 
         label = f"instance {sop_uid}" if valid_uid(sop_uid) else "instance"
         if sop_class not in STORAGE_CLASSES:
@@ -451,8 +459,8 @@ class Listener:
         if not valid_uid(sop_uid):
             return self._refuse(DOES_NOT_MATCH, "invalid SOP Instance UID", sop_uid)
         try:
-            dcm = open_dicom(data, label)  # the one size guard: nothing decoded yet
-            header = read_header(data, label)
+            # the one size guard: nothing decoded yet
+            dcm, header = open_dicom_and_header(data, label)
         except ImageError as exc:
             reason = str(exc).removeprefix(f"{label}: ")
             if _is_size_refusal(reason):  # the comment is 64 characters at most
@@ -478,7 +486,8 @@ class Listener:
             atomic_write(path, data, self.folder.incoming, durable=True)
             self.stats.received += 1
             self._remember_identity(study_uid, header, received_at)
-            self._queue.put(Received(study_uid, instance, path, received_at))
+            source = DicomSource(path, str(path), opened=dcm)
+            self._queue.put(Received(study_uid, instance, path, received_at, source))
         if self._forwarder is not None:
             self._forwarder.put(path, sop_uid)
         log.debug("stored %s (study %s)", sop_uid, study_uid)
@@ -555,13 +564,10 @@ class Listener:
         return any(uid and uid not in done for uid in (st.sr_uid, st.kos_uid))
 
     def _recovered(self, study_uid: str, sop_uid: str, path: Path) -> Received | None:
-        from pydicom.dataset import Dataset
-
-        from fetalplanes.data.dicom import open_dicom, read_header
+        from fetalplanes.data.dicom import open_dicom_and_header
 
         try:
-            dcm = open_dicom(path, sop_uid)
-            header: Dataset = read_header(path, sop_uid)
+            dcm, header = open_dicom_and_header(path, sop_uid)
         except (ImageError, OSError) as exc:
             log.warning("stored instance %s is unreadable: %s", sop_uid, exc)
             return None
@@ -569,7 +575,7 @@ class Listener:
         self._remember_identity(study_uid, header, now)
         inst = SourceInstance(sop_uid, str(header.SOPClassUID), str(header.SeriesInstanceUID),
                               dcm.rows, dcm.columns, dcm.n_frames)
-        return Received(study_uid, inst, path, now)
+        return Received(study_uid, inst, path, now, DicomSource(path, str(path), opened=dcm))
 
     # ------------------------------------------------------------ classification
     def _classify_loop(self) -> None:
@@ -603,7 +609,8 @@ class Listener:
     def _classify(self, batch: list[Received]) -> None:
         started = time.monotonic()
         by_path: dict[str, list[Prediction]] = {str(r.path): [] for r in batch}
-        for p in classify_instances(self.predictor, [r.path for r in batch], self._pool):
+        files = [r.path if r.source is None else r.source for r in batch]
+        for p in classify_instances(self.predictor, files, self._pool):
             by_path.setdefault(parse_frame_name(p.path)[0], []).append(p)
         frames = 0
         for r in batch:

@@ -77,6 +77,7 @@ __all__ = [
     "item_code",
     "plane_code",
     "result_uids",
+    "warm_up",
 ]
 
 PRIVATE_SCHEME = "99FETALPLANES"
@@ -637,6 +638,20 @@ def _encode(item: Dataset) -> bytes:
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, item)
     return buf.getvalue()
+
+
+def warm_up(model: Mapping[str, Any]) -> None:
+    """Build (and drop) an SR and a KOS of one made-up frame: highdicom's first document
+    loads its IOD tables (~0.5 s of a core); a node does that before it listens, not
+    while it owes a sonographer the first study's results."""
+    from pydicom.uid import UltrasoundImageStorage
+
+    frame = FrameResult(
+        SourceInstance(generate_uid(), UltrasoundImageStorage, generate_uid(), 1, 1, 1),
+        Prediction("warm-up", label="warm-up", confidence=1.0, probs={"warm-up": 1.0}))
+    study = StudyIdentity(generate_uid())
+    encode_sr(study, [frame], model)
+    build_kos(study, best_frame_results([frame]), model)
 
 
 def _decode(data: bytes) -> Dataset:
