@@ -189,3 +189,34 @@ def test_crop_on_reference_crop_keeps_sononet_prediction():
     with torch.inference_mode():
         labels = net(batch).argmax(1).view(-1, 2)
     assert (labels[:, 0] == labels[:, 1]).all()
+
+
+def _reference_gray(rgb: np.ndarray) -> np.ndarray:
+    """`to_gray`'s colour rule written plainly in numpy (what the fast version must equal)."""
+    c = rgb.astype(np.uint16)
+    total = c[..., 0] + c[..., 1] + c[..., 2]
+    gray = ((total + 1) // 3).astype(np.uint8)
+    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
+    coloured = (hi - lo).astype(np.float32) > 0.5 * hi
+    h, low = hi[coloured].astype(np.float32), lo[coloured].astype(np.float32)
+    weight = np.clip(((h - low) / h - 0.5) / 0.25, 0.0, 1.0)
+    mean = total[coloured] / np.float32(3.0)
+    gray[coloured] = np.rint(mean - weight * (mean - low)).astype(np.uint8)
+    return gray
+
+
+def test_to_gray_equals_the_plain_formula_for_every_colour():
+    # every (r, g) pair with each b: all 16.7 million colours
+    rg = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), -1)
+    for b in range(256):
+        rgb = np.concatenate([rg, np.full((256, 256, 1), b)], -1).astype(np.uint8)
+        assert np.array_equal(to_gray(rgb), _reference_gray(rgb)), b
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 700, 3), (601, 801, 4), (1200, 1000, 3)])
+def test_to_gray_equals_the_plain_formula_on_any_shape(shape):
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    img[: shape[0] // 2, :, 1:3] = img[: shape[0] // 2, :, :1]  # half grey, half colour
+    assert np.array_equal(to_gray(img), _reference_gray(img[..., :3]))
+    assert to_gray(np.zeros((0, 4, 3), np.uint8)).shape == (0, 4)
