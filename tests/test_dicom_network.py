@@ -472,3 +472,40 @@ def test_restart_with_a_checklist_rewrites_the_reports(predictor, study, tmp_pat
         assert node.wait_idle(30)
     assert node.stats.reports == 1 and "CHECKLIST" not in [
         i.ConceptNameCodeSequence[0].CodeValue for i in dcmread(sr).ContentSequence]
+
+
+def test_report_writes_keep_to_their_share_while_instances_wait(predictor, tmp_path: Path,
+                                                                 monkeypatch):
+    """40 studies arriving interleaved, each quiet for a second between instances: while
+    instances wait to be classified the reporter writes at most REPORT_SHARE of the time
+    (the oldest news first); once nothing waits it writes every due study at once."""
+    import time
+
+    from fetalplanes.workflows.dicom_listen import REPORT_SHARE, StudyState
+
+    node = Listener(predictor, tmp_path / "out", {"name": "sononet16"}, port=0)
+    written: list[str] = []
+    cost = 0.02
+
+    def write(uid: str) -> None:
+        time.sleep(cost)  # a report's write
+        node._studies[uid].dirty = False
+        written.append(uid)
+
+    monkeypatch.setattr(node, "_write_study", write)
+    now = time.time()
+    for i in range(40):  # quiet for 2 s, results since 40-i s ago: oldest first
+        node._studies[f"1.2.{i}"] = StudyState(dirty=True, dirty_since=now - 40 + i,
+                                               last_received=now - 2)
+    node._queue.put(object())  # an instance waits to be classified
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:
+        node._write_reports()
+        time.sleep(0.01)
+    elapsed = time.monotonic() - started
+    assert 0 < len(written) * cost <= REPORT_SHARE * elapsed + cost
+    assert written == [f"1.2.{i}" for i in range(len(written))]  # oldest first
+    node._queue.get()
+    node._queue.task_done()  # nothing waits any more: all the rest at once
+    node._write_reports()
+    assert sorted(written) == sorted(node._studies)

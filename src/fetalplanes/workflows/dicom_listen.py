@@ -105,6 +105,11 @@ REPORT_DELAY_S = 1.0
 #: ... or, while instances trickle in, once nothing is queued and the last write is this
 #: old (or 5 times as old as that write took, so a big study costs at most 20 % of a core),
 REPORT_INTERVAL_S = 2.0
+#: All these writes together take at most this share of the time (the oldest news first):
+#: with 40 studies arriving interleaved (a PACS sending a backlog), each quiet for a second
+#: between its instances, per-study rules alone let the reporter rewrite 20 reports a
+#: second and starve receiving (2,000 instances: 611 SR writes, 16.7 frames/s).
+REPORT_SHARE = 0.25
 #: ... or at least this often while its instances keep coming faster than classified.
 RESULTS_INTERVAL_S = 30.0
 #: A study's reports are forwarded once no instance of it arrived for this long.
@@ -305,6 +310,7 @@ class Listener:
         self._classifier_done = threading.Event()
         self._reporter_done = threading.Event()
         self._reporting = 0  # studies being written right now
+        self._write_ready = 0.0  # time.monotonic() from which the next write may start
         self._forwarder: Forwarder | None = None
         self._server: Any = None
         self._assoc_counts: dict[int, list[int]] = {}
@@ -668,26 +674,52 @@ class Listener:
 
     def _write_reports(self, final: bool = False) -> None:
         """Write the reports of studies with new results that are quiet (nothing queued,
-        nothing arrived for `report_delay`) or have waited `results_interval`; forward
-        settled ones; drop idle studies from memory."""
+        nothing arrived for `report_delay`) or have waited `results_interval`, then of
+        studies still trickling in, within `REPORT_SHARE` of the time while instances
+        wait to be classified (else all of them); forward settled ones; drop idle studies
+        from memory."""
         now = time.time()
         with self._study_lock:
-            due = [uid for uid, st in self._studies.items() if st.dirty and (
-                final or now - st.dirty_since >= self.results_interval or (
-                    st.pending == 0 and (now - st.last_received >= self.report_delay or
-                                         now - st.last_written >= max(
-                                             REPORT_INTERVAL_S, 5 * st.write_cost))))]
+            due = self._due(now, final)
         for uid in due:
-            try:
-                self._write_study(uid)
-            except Exception:  # one study's bad data must not stop the others' reports
-                log.exception("study %s: cannot write its SR and KOS", uid)
+            busy = not final and self._queue.unfinished_tasks > 0
+            if busy and time.monotonic() < self._write_ready:
+                break
+            started = time.monotonic()
+            self._write_study_safely(uid)
+            took = time.monotonic() - started
+            self._write_ready = time.monotonic() + took * (1 - REPORT_SHARE) / REPORT_SHARE
         if self._forwarder is not None:
             self._forward_settled(now, final)
         with self._study_lock:
             for st in self._studies.values():
                 if st.loaded and not st.dirty and now - st.last_received > STUDY_IDLE_S:
                     st.results, st.groups, st.loaded = {}, {}, False
+
+    def _due(self, now: float, final: bool) -> list[str]:
+        """Studies whose reports are due: quiet or overdue ones (the longest unreported
+        first), then those trickling in (the longest unwritten first). Called with the
+        study lock held."""
+        due: list[str] = []
+        interim: list[str] = []
+        for uid, st in self._studies.items():
+            if not st.dirty:
+                continue
+            quiet = st.pending == 0 and now - st.last_received >= self.report_delay
+            if final or quiet or now - st.dirty_since >= self.results_interval:
+                due.append(uid)
+            elif st.pending == 0 and now - st.last_written >= max(REPORT_INTERVAL_S,
+                                                                   5 * st.write_cost):
+                interim.append(uid)
+        due.sort(key=lambda uid: self._studies[uid].dirty_since)
+        interim.sort(key=lambda uid: self._studies[uid].last_written)
+        return due + interim
+
+    def _write_study_safely(self, study_uid: str) -> None:
+        try:
+            self._write_study(study_uid)
+        except Exception:  # one study's bad data must not stop the others' reports
+            log.exception("study %s: cannot write its SR and KOS", study_uid)
 
     def _write_study(self, study_uid: str) -> None:
         with self._study_lock:
