@@ -109,7 +109,7 @@ REPORT_INTERVAL_S = 2.0
 #: with 40 studies arriving interleaved (a PACS sending a backlog), each quiet for a second
 #: between its instances, per-study rules alone let the reporter rewrite 20 reports a
 #: second and starve receiving (2,000 instances: 611 SR writes, 16.7 frames/s).
-REPORT_SHARE = 0.25
+REPORT_SHARE = 0.1
 #: ... or at least this often while its instances keep coming faster than classified.
 RESULTS_INTERVAL_S = 30.0
 #: A study's reports are forwarded once no instance of it arrived for this long.
