@@ -31,6 +31,7 @@ Why it is careful:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import math
@@ -573,11 +574,16 @@ _FAST_PLUGINS = {str(JPEGBaseline8Bit): "pillow", str(JPEGExtended12Bit): "pillo
 
 def _fast_plugin(syntax: UID, bits_allocated: int) -> str | None:
     """The faster decoder plugin for 8-bit frames of `syntax`, when it is installed."""
-    plugin = _FAST_PLUGINS.get(str(syntax))
-    if plugin is None or bits_allocated != 8:
+    return _installed_fast_plugin(str(syntax)) if bits_allocated == 8 else None
+
+
+@functools.cache
+def _installed_fast_plugin(syntax: str) -> str | None:
+    plugin = _FAST_PLUGINS.get(syntax)
+    if plugin is None:
         return None
     try:
-        return plugin if plugin in get_decoder(syntax).available_plugins else None
+        return plugin if plugin in get_decoder(UID(syntax)).available_plugins else None
     except NotImplementedError:
         return None
 

@@ -185,8 +185,7 @@ class Received:
     instance: SourceInstance
     path: Path
     received_at: float  # time.time() when its last byte had arrived
-    source: Any = None  # the engine's source for the stored file, made from the parse
-    # that checked it (None: made from the file when classified)
+    source: Source  # the engine's source for the stored file, from the parse that checked it
 
 
 @dataclass
@@ -615,8 +614,7 @@ class Listener:
     def _classify(self, batch: list[Received]) -> None:
         started = time.monotonic()
         by_path: dict[str, list[Prediction]] = {str(r.path): [] for r in batch}
-        files = [r.path if r.source is None else r.source for r in batch]
-        for p in classify_instances(self.predictor, files, self._pool):
+        for p in classify_instances(self.predictor, [r.source for r in batch], self._pool):
             by_path.setdefault(parse_frame_name(p.path)[0], []).append(p)
         frames = 0
         for r in batch:
